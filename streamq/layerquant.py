@@ -1,0 +1,120 @@
+"""One step's compute, with no I/O: observe a layer's inputs, quantize its linears, propagate.
+
+Kept apart from the pipeline so that it is a pure function of (layer, hidden states, plan):
+the pipeline orders the side effects around it.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .kernels.affine import fake_quant_per_token
+from .quant.schemes import SCHEMES, ActRange, Quantized
+from .recipe import QuantArgs
+
+
+class MinMaxObserver:
+    """Global min/max of one input over all calibration batches (streamed, constant memory)."""
+
+    def __init__(self):
+        self.lo, self.hi = float("inf"), float("-inf")
+
+    def update(self, x: torch.Tensor) -> None:
+        self.lo = min(self.lo, float(x.min()))
+        self.hi = max(self.hi, float(x.max()))
+
+    def range(self) -> ActRange:
+        return ActRange(self.lo, self.hi)
+
+
+@contextmanager
+def observe_inputs(layer: nn.Module, prefix: str, groups: dict[str, str], linears: list[str]):
+    """One observer per distinct input: linears that share an input (q/k/v) share an observer."""
+    observers: dict[str, MinMaxObserver] = {}
+    handles = []
+    for name in linears:
+        key = groups.get(name, name)
+        if key in observers:
+            continue
+        obs = observers[key] = MinMaxObserver()
+        sub = layer.get_submodule(name[len(prefix) + 1:] if prefix else name)
+        handles.append(sub.register_forward_pre_hook(lambda m, args, obs=obs: obs.update(args[0])))
+    try:
+        yield observers
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def static_fake_quant(x: torch.Tensor, s_x: float, o_x: float) -> torch.Tensor:
+    return (torch.clamp(torch.round(x / s_x + o_x), -128, 127) - o_x) * s_x
+
+
+def install(layer: nn.Module, sub: str, q: Quantized) -> None:
+    """Make the float module compute what the consumer computes: Ŵ and the activation round trip."""
+    lin = layer.get_submodule(sub)
+    lin.weight.data = q.W_hat.to(lin.weight.dtype)
+    act = {"per_token": lambda x: fake_quant_per_token(x),
+           "per_tensor": lambda x: static_fake_quant(x, q.s_x, q.o_x)}.get(q.act)
+    if act is not None:
+        lin.register_forward_pre_hook(lambda m, args: (act(args[0]),))
+
+
+def quantize_linears(layer: nn.Module, prefix: str, args: dict[str, QuantArgs], groups: dict[str, str],
+                     ranges: dict[str, ActRange], dt: torch.dtype) -> dict[str, Quantized]:
+    out = {}
+    for name, a in args.items():
+        if a.scheme == "FLOAT":
+            continue
+        sub = name[len(prefix) + 1:] if prefix else name
+        lin = layer.get_submodule(sub)
+        b = None if lin.bias is None else lin.bias.detach().float().cpu()
+        r = ranges.get(groups.get(name, name))
+        q = SCHEMES[a.scheme].quantize(name, lin.weight.detach().float().cpu(), b, a, dt, r)
+        install(layer, sub, q)
+        out[name] = q
+    return out
+
+
+@dataclass
+class LayerResult:
+    quantized: dict[str, Quantized]
+    rel_error: float
+
+
+def run_batches(fn, H: torch.Tensor, batch: int, device, dtype, out: torch.Tensor | None) -> None:
+    """fn over H in batches; results go to `out` (which may be H itself) or are dropped."""
+    for i in range(0, H.shape[0], batch):
+        y = fn(H[i:i + batch].to(device=device, dtype=dtype))
+        if out is not None:
+            out[i:i + batch] = y.to(device="cpu", dtype=out.dtype)
+
+
+def observe_and_quantize(layer: nn.Module, prefix: str, forward, H: torch.Tensor, args: dict[str, QuantArgs],
+                         groups: dict[str, str], dt: torch.dtype, batch: int, device, cdt,
+                         out: torch.Tensor | None = None) -> dict[str, Quantized]:
+    """Float pass with input observers (its outputs to `out`), then quantize and install Ŵ."""
+    with torch.no_grad():
+        with observe_inputs(layer, prefix, groups, [n for n, a in args.items() if a.scheme != "FLOAT"]) as obs:
+            run_batches(forward, H, batch, device, cdt, out)
+        ranges = {k: o.range() for k, o in obs.items()}
+        return quantize_linears(layer, prefix, args, groups, ranges, dt)
+
+
+def process_layer(layer: nn.Module, prefix: str, forward, H: torch.Tensor, args: dict[str, QuantArgs],
+                  groups: dict[str, str], dt: torch.dtype, batch: int, device, cdt, propagate: str) -> LayerResult:
+    """Observe (float pass) → quantize → propagate (quantized pass, into H in place)."""
+    Y_float = torch.empty_like(H)
+    quantized = observe_and_quantize(layer, prefix, forward, H, args, groups, dt, batch, device, cdt, Y_float)
+    with torch.no_grad():
+        if quantized:
+            run_batches(forward, H, batch, device, cdt, H)
+        else:
+            H.copy_(Y_float)
+    err = float((H - Y_float).norm() / Y_float.norm().clamp_min(1e-30))
+    if propagate == "float":
+        H.copy_(Y_float)
+    return LayerResult(quantized, err)

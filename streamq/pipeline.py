@@ -1,0 +1,191 @@
+"""The layer loop, the only place that orders side effects.
+
+for each step (embed, layer 0..L-1, final):
+    load → observe → quantize → write → propagate → commit
+commit = shard bytes fsynced → hidden states fsynced and renamed → one journal line.
+A rerun replays the journal, truncates the partial shard to the last committed position and
+continues; the output bytes are those of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoConfig
+
+from . import calibration, device as dev
+from .activations import ActivationStore
+from .arch import arch_for
+from .arch.base import Step, check_shapes
+from .checkpoint import CheckpointReader
+from .errors import StreamqError
+from .journal import Journal
+from .layerquant import observe_and_quantize, process_layer
+from .outdir import REPORT, OutputFolder
+from .plan import DESCRIPTION_NAME, INDEX_NAME, Plan, build_plan, model_dtype
+from .recipe import Recipe
+from .report import finalize_outputs, small_files
+from .shards import ShardWriter
+
+log = logging.getLogger("streamq")
+CDTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Context:
+    recipe: Recipe
+    reader: CheckpointReader
+    arch: object
+    plan: Plan
+    writer: ShardWriter
+    device: torch.device
+    cdt: torch.dtype
+    ids: torch.Tensor
+    rotary: tuple | None = None
+
+
+def calibration_ids(recipe: Recipe, model_dir: Path, config) -> torch.Tensor:
+    cal = recipe.calibration
+    tok_dir = model_dir if calibration.has_tokenizer(model_dir) else None
+    if tok_dir is None and cal.source != "builtin":
+        raise StreamqError(f"{model_dir} has no tokenizer, so calibration.source {cal.source} cannot be tokenized",
+                           "copy the tokenizer files into the model folder, or use source = \"builtin\" "
+                           "(random token ids for a model without a tokenizer)")
+    texts = calibration.load_texts(cal.source, cal.text_field) if tok_dir else []
+    return calibration.token_ids(texts, tok_dir, config.vocab_size, cal.samples, cal.seq_len, cal.seed)
+
+
+def _load_float(ctx: Context, step: Step) -> dict[str, torch.Tensor]:
+    """The step's source tensors as stored (FP8 dequantized), each checked to be finite."""
+    r = ctx.reader
+    names = [n for n in step.shapes if not r.is_fp8(n)]
+    tensors = r.load(names)
+    for n in step.shapes:
+        if r.is_fp8(n):
+            tensors[n] = r.load_weight(n, ctx.plan.model_dtype)
+    for n, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise StreamqError(f"tensor '{n}' in {r.info(n).file} contains NaN or Inf values",
+                               "the checkpoint is damaged or was saved after a diverged training run")
+    return tensors
+
+
+def _write(ctx: Context, step: Step, raw: dict[str, torch.Tensor], quantized: dict) -> None:
+    for t in ctx.plan.outputs[step.key]:
+        if t.suffix:
+            value = quantized[t.source.rsplit(".", 1)[0]].tensors[t.suffix]
+        else:
+            value = raw[t.source].to(t.dtype)
+        ctx.writer.write(t.name, value)
+
+
+def step_embed(ctx: Context, step: Step, H):
+    raw = _load_float(ctx, step)
+    _write(ctx, step, raw, {})
+    return raw["model.embed_tokens.weight"][ctx.ids].float(), {}
+
+
+def step_layer(ctx: Context, step: Step, H):
+    raw = _load_float(ctx, step)
+    layer = ctx.arch.build_layer(step, raw, ctx.device, ctx.cdt)
+    if ctx.rotary is None:
+        ctx.rotary = ctx.arch.rotary(H.shape[1], ctx.device, ctx.cdt)
+    args = {n: ctx.plan.args[n] for n in step.linears}
+    res = process_layer(layer, f"model.layers.{step.index}", lambda x: ctx.arch.layer_forward(layer, x, ctx.rotary),
+                        H, args, step.groups, ctx.plan.model_dtype, ctx.recipe.run.batch_size, ctx.device,
+                        ctx.cdt, ctx.recipe.run.propagate)
+    _write(ctx, step, raw, res.quantized)
+    return H, {"rel_error": res.rel_error}
+
+
+def step_final(ctx: Context, step: Step, H):
+    raw = _load_float(ctx, step)
+    quantized = {}
+    if "lm_head" in step.linears and ctx.plan.args["lm_head"].scheme != "FLOAT":
+        norm = ctx.arch.final_norm(raw["model.norm.weight"].float())
+        head = torch.nn.Linear(H.shape[-1], raw["lm_head.weight"].shape[0], bias=False)
+        head.weight.data = raw["lm_head.weight"].float()
+        with torch.no_grad():
+            X = norm(H)
+        # lm_head's input is the final norm's output; the logits themselves are not kept.
+        quantized = observe_and_quantize(torch.nn.ModuleDict({"lm_head": head}), "", head, X,
+                                         {"lm_head": ctx.plan.args["lm_head"]}, {}, ctx.plan.model_dtype,
+                                         ctx.recipe.run.batch_size, "cpu", torch.float32)
+    _write(ctx, step, raw, quantized)
+    return H, {}
+
+
+STEP_FNS = {"embed": step_embed, "layer": step_layer, "final": step_final}
+
+
+def _log_step(bar, step: Step, stats: dict) -> None:
+    err = f" rel_err={stats['rel_error']:.2e}" if "rel_error" in stats else ""
+    dev_peak = f" dev_peak={stats['peak_device'] / 2**20:.0f}MiB" if stats.get("peak_device") else ""
+    bar.write(f"{step.key:>10}: {stats['seconds']:.2f}s peak_rss={stats['peak_rss'] / 2**20:.0f}MiB{dev_peak}{err}")
+
+
+def run(recipe: Recipe, model_dir: Path, out_dir: Path, device_name: str, restart: bool = False) -> Path:
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    reader = CheckpointReader(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    arch = arch_for(config, reader)
+    steps = arch.steps()
+    for s in steps:
+        check_shapes(s, reader.info)
+    plan = build_plan(recipe, steps, reader, model_dtype(config, reader))
+    ids = calibration_ids(recipe, model_dir, config)
+    state = {"recipe": recipe.semantic(), "input": reader.fingerprint(), "calibration": calibration.fingerprint(ids)}
+    planned = plan.shard_names() + [INDEX_NAME, DESCRIPTION_NAME, REPORT, "streamq_report.md", "config.json"] \
+        + [p.name for p in small_files(model_dir)]
+    folder = OutputFolder(out_dir, planned)
+    if not restart and not (folder.work / "state.json").exists() and folder.complete_state() == state:
+        log.info("%s already holds the completed output of this recipe; nothing to do", out_dir)
+        return out_dir
+    resuming = folder.prepare(state, restart)
+    journal, store = Journal(folder.work / "journal.jsonl"), ActivationStore(folder.work)
+    records = [r for r in journal.records() if r.get("kind") == "step"]
+    writer = ShardWriter(folder.work, plan.shard_names(), plan.shards)
+    device = dev.resolve(device_name)
+    ctx = Context(recipe, reader, arch, plan, writer, device, CDTYPES[recipe.run.compute_dtype], ids)
+    H = None
+    if records:
+        writer.resume(records[-1]["position"])
+        H = store.load(records[-1]["index"])["h"]
+    elif resuming:
+        writer.resume({"shard": 0, "tensor": 0, "offset": 0})
+    done = len(records)
+    try:
+        with tqdm(total=len(steps), initial=done, desc="streamq", unit="step") as bar:
+            for k in range(done, len(steps)):
+                H, stats = _run_step(ctx, steps[k], H)
+                records.append(_commit(ctx, journal, store, k, steps[k], H, stats))
+                _log_step(bar, steps[k], stats)
+                bar.update(1)
+    finally:
+        writer.close()
+    finalize_outputs(folder, plan, reader, config, records, state)
+    shutil.rmtree(folder.work, ignore_errors=True)
+    return out_dir
+
+
+def _run_step(ctx: Context, step: Step, H):
+    t0 = time.perf_counter()
+    dev.reset_peak(ctx.device)
+    H, stats = STEP_FNS[step.kind](ctx, step, H)
+    dev.empty_cache(ctx.device)
+    return H, {**stats, "seconds": time.perf_counter() - t0, "peak_rss": dev.peak_rss_bytes(),
+               "rss": dev.rss_bytes(), "peak_device": dev.peak_bytes(ctx.device)}
+
+
+def _commit(ctx: Context, journal: Journal, store: ActivationStore, k: int, step: Step, H, stats) -> dict:
+    position = ctx.writer.sync()
+    store.save(k, {"h": H})
+    record = {"kind": "step", "index": k, "step": step.key, "position": position, "stats": stats}
+    journal.append(record)
+    store.prune(k)
+    return record

@@ -1,0 +1,272 @@
+"""Recipes: TOML → frozen, validated dataclasses.
+
+A recipe names the model, the output, the calibration data, the default scheme and ordered
+rules that override it by module name (first match wins), and run options. Keys are split in
+two: *semantic* keys change the output bytes and are hashed into the resume check; *run* keys
+(device, batch size, paths) may change between a run and its resumption.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import hashlib
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import StreamqError
+
+# Schemes streamq can write, and whether this build implements them yet. A named scheme that is
+# not implemented is an error at load time, never a silent fallback.
+KNOWN_SCHEMES = ("FLOAT", "W8A8", "W8A8_DYNAMIC", "W8A8_MIX", "W8A16", "W4A16", "W4A8_DYNAMIC", "W8A8S")
+W_METHODS = ("minmax",)
+UNIMPLEMENTED_W_METHODS = ("gptq", "hqq", "ssz")
+
+# msModelSlim's (w_bit, a_bit, is_dynamic) words → scheme, for users who write QuantConfig terms.
+MSMODELSLIM_SCHEMES = {
+    (8, 8, True): "W8A8_DYNAMIC",
+    (8, 8, False): "W8A8",
+    (8, 16, False): "W8A16",
+    (8, 16, True): "W8A16",
+    (4, 16, False): "W4A16",
+    (4, 16, True): "W4A16",
+    (4, 8, True): "W4A8_DYNAMIC",
+}
+
+# msModelSlim options that streamq knows but does not implement yet: accepted only at their
+# neutral value so that a recipe asking for them fails loudly instead of being ignored.
+NEUTRAL_OPTIONS = {
+    "act_method": 1,
+    "do_smooth": False,
+    "use_kvcache_quant": False,
+    "co_sparse": False,
+    "is_lowbit": False,
+    "use_sigma": False,
+    "anti_method": "",
+    "disable_level": "",
+    "nonuniform": False,
+}
+
+
+@dataclass(frozen=True)
+class QuantArgs:
+    """How one linear is quantized."""
+    scheme: str = "W8A8_DYNAMIC"
+    group_size: int = 0          # 0 = per channel
+    w_method: str = "minmax"
+    w_sym: bool = True
+
+
+@dataclass(frozen=True)
+class Rule:
+    match: str                   # glob on the module name, or "re:<regex>"
+    args: QuantArgs
+
+    def matches(self, module: str) -> bool:
+        if self.match.startswith("re:"):
+            return re.fullmatch(self.match[3:], module) is not None
+        return fnmatch.fnmatchcase(module, self.match)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    source: str = "builtin"      # "builtin" or a .jsonl / .json / .txt path
+    text_field: str = "text"
+    samples: int = 32
+    seq_len: int = 256
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Run:
+    device: str = "auto"
+    batch_size: int = 8
+    compute_dtype: str = "float32"
+    propagate: str = "quantized"  # next layer sees the quantized ("quantized") or float output
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: str = ""
+    output: str = ""
+    shard_size_gb: float = 4.0
+    default: QuantArgs = QuantArgs()
+    rules: tuple[Rule, ...] = ()
+    disable_names: tuple[str, ...] = ()
+    disable_last_linear: bool = True
+    calibration: Calibration = Calibration()
+    run: Run = Run()
+    source_text: str = field(default="", compare=False, repr=False)
+
+    def args_for(self, module: str, is_last_linear: bool = False) -> QuantArgs:
+        """The quantization of one linear: disable words first, then the first matching rule."""
+        if module in self.disable_names or (is_last_linear and self.disable_last_linear):
+            return dataclasses.replace(self.default, scheme="FLOAT")
+        for rule in self.rules:
+            if rule.matches(module):
+                return rule.args
+        return self.default
+
+    def semantic(self) -> dict:
+        """Everything that changes the output bytes (what resume compares)."""
+        return {
+            "shard_size_gb": self.shard_size_gb,
+            "default": dataclasses.asdict(self.default),
+            "rules": [{"match": r.match, **dataclasses.asdict(r.args)} for r in self.rules],
+            "disable_names": list(self.disable_names),
+            "disable_last_linear": self.disable_last_linear,
+            "calibration": dataclasses.asdict(self.calibration),
+            "compute_dtype": self.run.compute_dtype,
+            "propagate": self.run.propagate,
+        }
+
+    def semantic_hash(self) -> str:
+        blob = json.dumps(self.semantic(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+# --- parsing ---------------------------------------------------------------------------------
+
+TABLE_KEYS = {
+    "": {"model", "output", "calibration", "quant", "run"},
+    "model": {"path"},
+    "output": {"path", "shard_size_gb"},
+    "calibration": {"source", "text_field", "samples", "seq_len", "seed"},
+    "run": {"device", "batch_size", "compute_dtype", "propagate"},
+}
+ARG_KEYS = {"scheme", "group_size", "w_method", "w_sym", "w_bit", "a_bit", "is_dynamic"}
+QUANT_KEYS = ARG_KEYS | {"rules", "disable_names", "disable_last_linear"} | set(NEUTRAL_OPTIONS)
+RULE_KEYS = ARG_KEYS | {"match"}
+
+
+def _check_keys(table: dict, allowed: set[str], where: str, path: Path) -> None:
+    for key in table:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, sorted(allowed), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known keys here: {', '.join(sorted(allowed))}"
+            raise StreamqError(f"{path}: unknown recipe key '{where}{key}'", hint)
+
+
+def _typed(value, kind, key: str, path: Path):
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        raise StreamqError(f"{path}: recipe key '{key}' must be {kind.__name__}, got {value!r}",
+                           "fix the value in the recipe")
+    return value
+
+
+def _parse_args(table: dict, base: QuantArgs, where: str, path: Path) -> QuantArgs:
+    scheme = table.get("scheme")
+    if scheme is None and {"w_bit", "a_bit"} & table.keys():
+        bits = (table.get("w_bit", 8), table.get("a_bit", 8), table.get("is_dynamic", False))
+        scheme = MSMODELSLIM_SCHEMES.get(bits)
+        if scheme is None:
+            raise StreamqError(f"{path}: no scheme for w_bit={bits[0]}, a_bit={bits[1]}, is_dynamic={bits[2]} in {where}",
+                               f"supported combinations: {sorted(MSMODELSLIM_SCHEMES)}")
+    scheme = _typed(scheme if scheme is not None else base.scheme, str, where + "scheme", path).upper()
+    if scheme not in KNOWN_SCHEMES:
+        close = difflib.get_close_matches(scheme, KNOWN_SCHEMES, n=1)
+        raise StreamqError(f"{path}: unknown scheme '{scheme}' in {where}scheme",
+                           f"did you mean '{close[0]}'?" if close else f"one of {', '.join(KNOWN_SCHEMES)}")
+    w_method = _typed(table.get("w_method", base.w_method), str, where + "w_method", path).lower()
+    if w_method in UNIMPLEMENTED_W_METHODS:
+        raise StreamqError(f"{path}: w_method '{w_method}' in {where} is not implemented in this version",
+                           "use w_method = \"MinMax\"")
+    if w_method not in W_METHODS:
+        raise StreamqError(f"{path}: unknown w_method '{w_method}' in {where}", "use \"MinMax\"")
+    group_size = _typed(table.get("group_size", base.group_size), int, where + "group_size", path)
+    if group_size < 0:
+        raise StreamqError(f"{path}: {where}group_size must be >= 0 (0 = per channel)", "fix the value")
+    w_sym = _typed(table.get("w_sym", base.w_sym), bool, where + "w_sym", path)
+    return QuantArgs(scheme=scheme, group_size=group_size, w_method=w_method, w_sym=w_sym)
+
+
+def _check_neutral(quant: dict, path: Path) -> None:
+    for key, neutral in NEUTRAL_OPTIONS.items():
+        if key in quant and quant[key] != neutral:
+            raise StreamqError(f"{path}: quant.{key} = {quant[key]!r} is not implemented in this version",
+                               f"remove the key or set it to {neutral!r}")
+
+
+def parse_recipe(text: str, path: Path) -> Recipe:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise StreamqError(f"{path}: not valid TOML: {exc}", "fix the syntax of the recipe file") from exc
+    _check_keys(doc, TABLE_KEYS[""], "", path)
+    for name in ("model", "output", "calibration", "run"):
+        _check_keys(doc.get(name, {}), TABLE_KEYS[name], name + ".", path)
+    quant = doc.get("quant", {})
+    _check_keys(quant, QUANT_KEYS, "quant.", path)
+    _check_neutral(quant, path)
+    default = _parse_args(quant, QuantArgs(), "quant.", path)
+    rules = []
+    for i, table in enumerate(quant.get("rules", [])):
+        where = f"quant.rules[{i}]."
+        _check_keys(table, RULE_KEYS, where, path)
+        if "match" not in table:
+            raise StreamqError(f"{path}: {where} has no 'match'", "add match = \"<glob on module names>\"")
+        match = _typed(table["match"], str, where + "match", path)
+        if match.startswith("re:"):
+            try:
+                re.compile(match[3:])
+            except re.error as exc:
+                raise StreamqError(f"{path}: {where}match is not a valid regex: {exc}", "fix the pattern") from exc
+        rules.append(Rule(match, _parse_args(table, default, where, path)))
+    cal, run, out = doc.get("calibration", {}), doc.get("run", {}), doc.get("output", {})
+    calibration = Calibration(
+        source=_typed(cal.get("source", "builtin"), str, "calibration.source", path),
+        text_field=_typed(cal.get("text_field", "text"), str, "calibration.text_field", path),
+        samples=_typed(cal.get("samples", 32), int, "calibration.samples", path),
+        seq_len=_typed(cal.get("seq_len", 256), int, "calibration.seq_len", path),
+        seed=_typed(cal.get("seed", 0), int, "calibration.seed", path),
+    )
+    if calibration.samples < 1 or calibration.seq_len < 2:
+        raise StreamqError(f"{path}: calibration.samples must be >= 1 and seq_len >= 2", "fix the values")
+    runopts = Run(
+        device=_typed(run.get("device", "auto"), str, "run.device", path),
+        batch_size=_typed(run.get("batch_size", 8), int, "run.batch_size", path),
+        compute_dtype=_typed(run.get("compute_dtype", "float32"), str, "run.compute_dtype", path),
+        propagate=_typed(run.get("propagate", "quantized"), str, "run.propagate", path),
+    )
+    _check_choice(runopts.compute_dtype, ("float32", "bfloat16", "float16"), "run.compute_dtype", path)
+    _check_choice(runopts.propagate, ("quantized", "float"), "run.propagate", path)
+    if runopts.batch_size < 1:
+        raise StreamqError(f"{path}: run.batch_size must be >= 1", "fix the value")
+    shard = _typed(out.get("shard_size_gb", 4.0), float, "output.shard_size_gb", path)
+    if shard <= 0:
+        raise StreamqError(f"{path}: output.shard_size_gb must be > 0", "fix the value")
+    names = quant.get("disable_names", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise StreamqError(f"{path}: quant.disable_names must be a list of module names", "fix the value")
+    return Recipe(
+        model=_typed(doc.get("model", {}).get("path", ""), str, "model.path", path),
+        output=_typed(out.get("path", ""), str, "output.path", path),
+        shard_size_gb=shard,
+        default=default,
+        rules=tuple(rules),
+        disable_names=tuple(names),
+        disable_last_linear=_typed(quant.get("disable_last_linear", True), bool, "quant.disable_last_linear", path),
+        calibration=calibration,
+        run=runopts,
+        source_text=text,
+    )
+
+
+def _check_choice(value: str, choices: tuple[str, ...], key: str, path: Path) -> None:
+    if value not in choices:
+        raise StreamqError(f"{path}: {key} = {value!r} is not one of {', '.join(choices)}", "fix the value")
+
+
+def load_recipe(path: Path) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise StreamqError(f"cannot read recipe {path}: {exc.strerror}", "check the path") from exc
+    return parse_recipe(text, path)
