@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from . import calibration, device as dev
+from . import calibration, device as dev, faults
 from .activations import ActivationStore
 from .arch import arch_for
 from .arch.base import Step, check_shapes
@@ -99,6 +99,7 @@ def step_layer(ctx: Context, step: Step, H):
     res = process_layer(layer, f"model.layers.{step.index}", lambda x: ctx.arch.layer_forward(layer, x, ctx.rotary),
                         H, args, step.groups, ctx.plan.model_dtype, ctx.recipe.run.batch_size, ctx.device,
                         ctx.cdt, ctx.recipe.run.propagate)
+    faults.point("layer-computed")
     _write(ctx, step, raw, res.quantized)
     return H, {"rel_error": res.rel_error}
 
@@ -184,7 +185,9 @@ def _run_step(ctx: Context, step: Step, H):
 
 def _commit(ctx: Context, journal: Journal, store: ActivationStore, k: int, step: Step, H, stats) -> dict:
     position = ctx.writer.sync()
+    faults.point("shard-synced")
     store.save(k, {"h": H})
+    faults.point("acts-saved")
     record = {"kind": "step", "index": k, "step": step.key, "position": position, "stats": stats}
     journal.append(record)
     store.prune(k)

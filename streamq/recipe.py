@@ -111,16 +111,17 @@ class Recipe:
         return self.default
 
     def semantic(self) -> dict:
-        """Everything that changes the output bytes (what resume compares)."""
+        """Everything that changes the output bytes (what resume compares), keyed as in the TOML."""
         return {
-            "shard_size_gb": self.shard_size_gb,
-            "default": dataclasses.asdict(self.default),
-            "rules": [{"match": r.match, **dataclasses.asdict(r.args)} for r in self.rules],
-            "disable_names": list(self.disable_names),
-            "disable_last_linear": self.disable_last_linear,
+            "output": {"shard_size_gb": self.shard_size_gb},
+            "quant": {
+                **dataclasses.asdict(self.default),
+                "rules": [{"match": r.match, **dataclasses.asdict(r.args)} for r in self.rules],
+                "disable_names": list(self.disable_names),
+                "disable_last_linear": self.disable_last_linear,
+            },
             "calibration": dataclasses.asdict(self.calibration),
-            "compute_dtype": self.run.compute_dtype,
-            "propagate": self.run.propagate,
+            "run": {"compute_dtype": self.run.compute_dtype, "propagate": self.run.propagate},
         }
 
     def semantic_hash(self) -> str:

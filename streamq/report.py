@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+from . import faults
 from .errors import StreamqError
 from .outdir import REPORT, OutputFolder, write_json, atomic_write
 from .plan import DESCRIPTION_NAME, INDEX_NAME, Plan
@@ -88,6 +89,7 @@ def finalize_outputs(folder: OutputFolder, plan: Plan, reader, config, records: 
     out = folder.out
     _move_shards(folder, plan)
     write_json(out / INDEX_NAME, _index(plan))
+    faults.point("finalize")
     write_json(out / "config.json", output_config(reader.dir, config_extra or {}))
     copied = small_files(reader.dir)
     for src in copied:

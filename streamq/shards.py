@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from . import faults
+
 from .checkpoint import DTYPE_NAMES
 from .errors import StreamqError
 from .plan import OutTensor
@@ -92,6 +94,7 @@ class ShardWriter:
             self.file = open(self._partial(self.pos.shard), "wb")
             self._io(self.file.write, header_bytes(self.shards[self.pos.shard]))
         self._io(self.file.write, tensor_bytes(t))
+        faults.point("tensor-written")
         self.pos.tensor += 1
         self.pos.offset = self.file.tell()
         if self.pos.tensor == len(self.shards[self.pos.shard]):

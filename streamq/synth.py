@@ -15,12 +15,12 @@ import argparse
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import DeepseekV3Config, LlamaConfig, Qwen2Config, Qwen3Config
@@ -60,8 +60,8 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
 
 
-def _normal(seed: int, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.randn(shape, generator=_generator(seed, name), dtype=torch.float32)
+def _normal(seed: int, name: str, shape: tuple[int, ...], mean: float, std: float) -> torch.Tensor:
+    return torch.empty(shape).normal_(mean, std, generator=_generator(seed, name))
 
 
 def outlier_columns(seed: int, width: int) -> torch.Tensor:
@@ -73,21 +73,21 @@ def outlier_columns(seed: int, width: int) -> torch.Tensor:
 
 
 def _linear(seed: int, spec: TensorSpec) -> torch.Tensor:
-    w = _normal(seed, spec.name, spec.shape) * WEIGHT_STD
+    w = _normal(seed, spec.name, spec.shape, 0.0, WEIGHT_STD)
     w[:, outlier_columns(seed, spec.shape[1])] *= OUTLIER_GAIN
     return w
 
 
 def _plain(seed: int, spec: TensorSpec) -> torch.Tensor:
-    return _normal(seed, spec.name, spec.shape) * WEIGHT_STD
+    return _normal(seed, spec.name, spec.shape, 0.0, WEIGHT_STD)
 
 
 def _norm(seed: int, spec: TensorSpec) -> torch.Tensor:
-    return 1.0 + NORM_STD * _normal(seed, spec.name, spec.shape)
+    return _normal(seed, spec.name, spec.shape, 1.0, NORM_STD)
 
 
 def _bias(seed: int, spec: TensorSpec) -> torch.Tensor:
-    return BIAS_STD * _normal(seed, spec.name, spec.shape)
+    return _normal(seed, spec.name, spec.shape, 0.0, BIAS_STD)
 
 
 # "linear" marks the projections a quantizer works on (and FP8 checkpoints store in FP8);
@@ -108,8 +108,8 @@ def scale_inv_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     return math.ceil(shape[0] / FP8_BLOCK), math.ceil(shape[1] / FP8_BLOCK)
 
 
-def _expand_blocks(scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """One value per 128x128 block → one per element, cropped where the last blocks overhang."""
+def expand_block_scales(scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """One scale per 128x128 block → one per element, cropped where the last blocks overhang."""
     full = scale.repeat_interleave(FP8_BLOCK, dim=0).repeat_interleave(FP8_BLOCK, dim=1)
     return full[:rows, :cols]
 
@@ -118,17 +118,22 @@ def quantize_fp8_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(float8_e4m3fn weight, fp32 scale_inv) with W ≈ fp8 * scale_inv per 128x128 block."""
     rows, cols = w.shape
     nb, kb = scale_inv_shape(w.shape)
-    padded = F.pad(w.float(), (0, kb * FP8_BLOCK - cols, 0, nb * FP8_BLOCK - rows))
-    amax = padded.abs().view(nb, FP8_BLOCK, kb, FP8_BLOCK).amax(dim=(1, 3))
+    # Work on a zero-padded copy viewed as blocks, in place: R1's largest weights are 0.5 GB
+    # in fp32, and each extra temporary would add that to the peak.
+    padded = torch.zeros(nb * FP8_BLOCK, kb * FP8_BLOCK)
+    padded[:rows, :cols] = w
+    blocks = padded.view(nb, FP8_BLOCK, kb, FP8_BLOCK)
+    amax = torch.maximum(blocks.amax(dim=(1, 3)), -blocks.amin(dim=(1, 3)))
     # An all-zero block would divide by zero; any scale represents it exactly.
     scale_inv = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (w.float() / _expand_blocks(scale_inv, rows, cols)).clamp(-FP8_MAX, FP8_MAX)
-    return q.to(torch.float8_e4m3fn), scale_inv.float()
+    blocks.div_(scale_inv[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX)
+    return padded.to(torch.float8_e4m3fn)[:rows, :cols].contiguous(), scale_inv
 
 
 def dequant_fp8_reference(w_fp8: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
-    """Slow, obvious fp32 dequantization of a block-scaled FP8 weight, for checking others."""
-    return w_fp8.float() * _expand_blocks(scale_inv.float(), *w_fp8.shape)
+    """Slow, obvious fp32 dequantization of a block-scaled FP8 weight, for checking others.
+    Cropping the expanded scales equals padding the weight, multiplying and cropping the product."""
+    return w_fp8.float() * expand_block_scales(scale_inv.float(), *w_fp8.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,13 +187,22 @@ class _ShardWriter:
         count = len(self.temp_files)
         names = ["model.safetensors"] if count == 1 else [
             f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        mode = _default_file_mode()
         for temp, name in zip(self.temp_files, names):
             temp.rename(self.out / name)
+            # safetensors creates files readable by their owner only; a checkpoint is for sharing.
+            (self.out / name).chmod(mode)
         if count > 1:
             weight_map = {t: names[i] for t, i in sorted(self.shard_of.items())}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.out / "model.safetensors.index.json").write_text(_json(index))
         return [self.out / name for name in names]
+
+
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _json(obj: Any) -> str:
@@ -275,8 +289,8 @@ def dense_config(family: str = "llama", layers: int = 2, hidden: int = 64, inter
         dtype=_dtype_name(dtype), architectures=[spec.architecture])
 
 
-def dense_specs(config, family: str) -> Iterator[TensorSpec]:
-    spec = DENSE_FAMILIES[family]
+def dense_specs(config) -> Iterator[TensorSpec]:
+    spec = DENSE_FAMILIES[config.model_type]
     h, hd = config.hidden_size, config.head_dim
     q_width, kv_width = config.num_attention_heads * hd, config.num_key_value_heads * hd
     yield TensorSpec("model.embed_tokens.weight", (config.vocab_size, h), "plain")
@@ -305,7 +319,7 @@ def write_dense(out: Path, family: str = "llama", layers: int = 2, hidden: int =
     """A random Llama / Qwen2 / Qwen3 checkpoint in `out`; returns `out`."""
     config = dense_config(family, layers, hidden, intermediate, heads, kv_heads, head_dim, vocab,
                           tied, dtype)
-    return _write_checkpoint(out, config, dense_specs(config, family), dtype=dtype, fp8=False,
+    return _write_checkpoint(out, config, dense_specs(config), dtype=dtype, fp8=False,
                              shard_mb=shard_mb, seed=seed)
 
 
@@ -313,8 +327,8 @@ def write_dense(out: Path, family: str = "llama", layers: int = 2, hidden: int =
 # DeepSeek-V3 / R1
 
 
-# "tiny" keeps tests fast; "real" is DeepSeek-V3/R1. Only the expert and layer counts differ
-# from R1 in a real-widths write, so memory and I/O per layer match the real model.
+# "tiny" keeps tests fast; "real" is DeepSeek-V3/R1. A real-widths write differs from R1 only in
+# its layer and expert counts (and vocab if asked), so memory and I/O per tensor match the real one.
 DEEPSEEK_WIDTHS = {
     "tiny": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
                  num_attention_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
@@ -352,6 +366,8 @@ def deepseek_v3_config(layers: int = 3, first_k_dense: int = 1, experts: int = 8
                        hidden: int | None = None, mtp: bool = False, real_widths: bool = False,
                        q_lora_rank: int | None = _FROM_WIDTHS, vocab: int | None = None
                        ) -> DeepseekV3Config:
+    if experts < 1:
+        raise StreamqError(f"experts must be at least 1, got {experts}", "pass e.g. experts=8")
     width = "real" if real_widths else "tiny"
     kw = dict(DEEPSEEK_WIDTHS[width])
     kw["hidden_size"] = hidden or kw["hidden_size"]
@@ -481,6 +497,7 @@ def summarize(out: Path) -> tuple[int, int, int]:
 
 
 def main_synth(argv: list[str]) -> int:
+    """`streamq synth ...`. Bad values raise StreamqError, which the main command line reports."""
     ap = _parser()
     args = ap.parse_args(argv)
     deepseek = args.family == "deepseek-v3"
@@ -491,17 +508,13 @@ def main_synth(argv: list[str]) -> int:
     common = {k: v for k, v in (("layers", args.layers), ("hidden", args.hidden), ("vocab", args.vocab))
               if v is not None}
     common |= {"shard_mb": args.shard_mb, "seed": args.seed}
-    try:
-        if deepseek:
-            extra = {"experts": args.experts} if args.experts is not None else {}
-            write_deepseek_v3(args.out, fp8=args.fp8, mtp=args.mtp, real_widths=args.real_widths,
-                              **common, **extra)
-        else:
-            write_dense(args.out, family=args.family, tied=args.tied,
-                        dtype=DTYPES[args.dtype or "bf16"], **common)
-    except StreamqError as e:
-        print(f"error: {e}")
-        return 1
+    if deepseek:
+        experts = {"experts": args.experts} if args.experts is not None else {}
+        write_deepseek_v3(args.out, fp8=args.fp8, mtp=args.mtp, real_widths=args.real_widths,
+                          **common, **experts)
+    else:
+        write_dense(args.out, family=args.family, tied=args.tied, dtype=DTYPES[args.dtype or "bf16"],
+                    **common)
     tensors, size, shards = summarize(args.out)
     print(f"wrote {args.family} to {args.out}: {tensors} tensors, {size / MB:.1f} MB in {shards} shard(s)")
     return 0

@@ -1,6 +1,7 @@
 """streamq.synth: hub naming checked against transformers' own models, sharding, determinism,
 FP8 block scales and the DeepSeek MTP layer."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,9 @@ def test_sharded_index_is_consistent_and_rewrites_replace(tmp_path):
     assert index["weight_map"] == {}
     assert index["metadata"]["total_size"] == total
     assert not list(out.glob(".synth-shard-*"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in out.iterdir())
 
     # Same seed, one shard: same tensors, and the old shards and index are gone.
     sharded = read_all(out)
@@ -202,7 +206,7 @@ def test_fp8_dequantizes_to_the_bf16_write(tmp_path):
         assert w.dtype == torch.float8_e4m3fn and s.dtype == torch.float32
         assert tuple(s.shape) == synth.scale_inv_shape(ref.shape)
         deq = synth.dequant_fp8_reference(w, s)
-        tol = 0.07 * ref.float().abs() + synth._expand_blocks(s, *ref.shape) * 2**-9
+        tol = 0.07 * ref.float().abs() + synth.expand_block_scales(s, *ref.shape) * 2**-9
         assert ((deq - ref.float()).abs() <= tol).all(), name
     assert not any(n.startswith(("model.embed", "lm_head")) or ".mlp.gate." in n for n in quantized)
 
@@ -279,3 +283,5 @@ def test_cli(tmp_path, capsys):
         synth.main_synth(["llama", "--out", str(tmp_path / "x"), "--fp8"])
     with pytest.raises(SystemExit):
         synth.main_synth(["deepseek-v3", "--out", str(tmp_path / "x"), "--tied"])
+    with pytest.raises(synth.StreamqError, match="experts"):
+        synth.main_synth(["deepseek-v3", "--out", str(tmp_path / "x"), "--experts", "0"])
