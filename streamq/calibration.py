@@ -129,11 +129,11 @@ def _field_text(obj, field: str, where: str) -> str:
 def _parse_txt(raw: str) -> list[str]:
     """Paragraphs separated by blank lines; a file without blank lines gives one text per line."""
     raw = raw.replace("\r\n", "\n").replace("\r", "\n")
-    blocks = re.split(r"\n[ \t]*\n", raw.strip())
+    blocks = re.split(r"\n(?:[ \t]*\n)+", raw.strip())
     if len(blocks) == 1:
         return [line.strip() for line in raw.splitlines() if line.strip()]
     # Inner newlines are kept: they are part of code and lists, and the model sees them as tokens.
-    return [b.strip("\n") for b in blocks if b.strip()]
+    return [b.strip("\n").rstrip() for b in blocks if b.strip()]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,28 +24,19 @@ from .arch.base import Step, check_shapes
 from .checkpoint import CheckpointReader
 from .errors import StreamqError
 from .journal import Journal
-from .layerquant import observe_and_quantize, process_layer
 from .outdir import REPORT, OutputFolder
-from .plan import DESCRIPTION_NAME, INDEX_NAME, Plan, build_plan, model_dtype
+from .plan import DESCRIPTION_NAME, INDEX_NAME, build_plan, model_dtype
 from .recipe import Recipe
 from .report import finalize_outputs, small_files
 from .shards import ShardWriter
+from .arch.deepseek_v3 import DeepseekArch
+from .arch.llama import DenseArch
+from .moe import MOE_STEP_FNS
+from .steps import STEP_FNS, Context
 
 log = logging.getLogger("streamq")
 CDTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class Context:
-    recipe: Recipe
-    reader: CheckpointReader
-    arch: object
-    plan: Plan
-    writer: ShardWriter
-    device: torch.device
-    cdt: torch.dtype
-    ids: torch.Tensor
-    rotary: tuple | None = None
+STEP_TABLES = {DenseArch: STEP_FNS, DeepseekArch: {**STEP_FNS, **MOE_STEP_FNS}}
 
 
 def calibration_ids(recipe: Recipe, model_dir: Path, config) -> torch.Tensor:
@@ -58,70 +48,6 @@ def calibration_ids(recipe: Recipe, model_dir: Path, config) -> torch.Tensor:
                            "(random token ids for a model without a tokenizer)")
     texts = calibration.load_texts(cal.source, cal.text_field) if tok_dir else []
     return calibration.token_ids(texts, tok_dir, config.vocab_size, cal.samples, cal.seq_len, cal.seed)
-
-
-def _load_float(ctx: Context, step: Step) -> dict[str, torch.Tensor]:
-    """The step's source tensors as stored (FP8 dequantized), each checked to be finite."""
-    r = ctx.reader
-    names = [n for n in step.shapes if not r.is_fp8(n)]
-    tensors = r.load(names)
-    for n in step.shapes:
-        if r.is_fp8(n):
-            tensors[n] = r.load_weight(n, ctx.plan.model_dtype)
-    for n, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise StreamqError(f"tensor '{n}' in {r.info(n).file} contains NaN or Inf values",
-                               "the checkpoint is damaged or was saved after a diverged training run")
-    return tensors
-
-
-def _write(ctx: Context, step: Step, raw: dict[str, torch.Tensor], quantized: dict) -> None:
-    for t in ctx.plan.outputs[step.key]:
-        if t.suffix:
-            value = quantized[t.source.rsplit(".", 1)[0]].tensors[t.suffix]
-        else:
-            value = raw[t.source].to(t.dtype)
-        ctx.writer.write(t.name, value)
-
-
-def step_embed(ctx: Context, step: Step, H):
-    raw = _load_float(ctx, step)
-    _write(ctx, step, raw, {})
-    return raw["model.embed_tokens.weight"][ctx.ids].float(), {}
-
-
-def step_layer(ctx: Context, step: Step, H):
-    raw = _load_float(ctx, step)
-    layer = ctx.arch.build_layer(step, raw, ctx.device, ctx.cdt)
-    if ctx.rotary is None:
-        ctx.rotary = ctx.arch.rotary(H.shape[1], ctx.device, ctx.cdt)
-    args = {n: ctx.plan.args[n] for n in step.linears}
-    res = process_layer(layer, f"model.layers.{step.index}", lambda x: ctx.arch.layer_forward(layer, x, ctx.rotary),
-                        H, args, step.groups, ctx.plan.model_dtype, ctx.recipe.run.batch_size, ctx.device,
-                        ctx.cdt, ctx.recipe.run.propagate)
-    faults.point("layer-computed")
-    _write(ctx, step, raw, res.quantized)
-    return H, {"rel_error": res.rel_error}
-
-
-def step_final(ctx: Context, step: Step, H):
-    raw = _load_float(ctx, step)
-    quantized = {}
-    if "lm_head" in step.linears and ctx.plan.args["lm_head"].scheme != "FLOAT":
-        norm = ctx.arch.final_norm(raw["model.norm.weight"].float())
-        head = torch.nn.Linear(H.shape[-1], raw["lm_head.weight"].shape[0], bias=False)
-        head.weight.data = raw["lm_head.weight"].float()
-        with torch.no_grad():
-            X = norm(H)
-        # lm_head's input is the final norm's output; the logits themselves are not kept.
-        quantized = observe_and_quantize(torch.nn.ModuleDict({"lm_head": head}), "", head, X,
-                                         {"lm_head": ctx.plan.args["lm_head"]}, {}, ctx.plan.model_dtype,
-                                         ctx.recipe.run.batch_size, "cpu", torch.float32)
-    _write(ctx, step, raw, quantized)
-    return H, {}
-
-
-STEP_FNS = {"embed": step_embed, "layer": step_layer, "final": step_final}
 
 
 def _log_step(bar, step: Step, stats: dict) -> None:
@@ -139,6 +65,7 @@ def run(recipe: Recipe, model_dir: Path, out_dir: Path, device_name: str, restar
     for s in steps:
         check_shapes(s, reader.info)
     plan = build_plan(recipe, steps, reader, model_dtype(config, reader))
+    steps = list(plan.steps)
     ids = calibration_ids(recipe, model_dir, config)
     state = {"recipe": recipe.semantic(), "input": reader.fingerprint(), "calibration": calibration.fingerprint(ids)}
     planned = plan.shard_names() + [INDEX_NAME, DESCRIPTION_NAME, REPORT, "streamq_report.md", "config.json"] \
@@ -169,7 +96,7 @@ def run(recipe: Recipe, model_dir: Path, out_dir: Path, device_name: str, restar
                 bar.update(1)
     finally:
         writer.close()
-    finalize_outputs(folder, plan, reader, config, records, state)
+    finalize_outputs(folder, plan, reader, config, records, state, plan.config_extra(recipe))
     shutil.rmtree(folder.work, ignore_errors=True)
     return out_dir
 
@@ -177,7 +104,7 @@ def run(recipe: Recipe, model_dir: Path, out_dir: Path, device_name: str, restar
 def _run_step(ctx: Context, step: Step, H):
     t0 = time.perf_counter()
     dev.reset_peak(ctx.device)
-    H, stats = STEP_FNS[step.kind](ctx, step, H)
+    H, stats = STEP_TABLES[type(ctx.arch)][step.kind](ctx, step, H)
     dev.empty_cache(ctx.device)
     return H, {**stats, "seconds": time.perf_counter() - t0, "peak_rss": dev.peak_rss_bytes(),
                "rss": dev.rss_bytes(), "peak_device": dev.peak_bytes(ctx.device)}

@@ -4,6 +4,7 @@ into them as layers finish; resumption truncates a shard back to a planned offse
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -15,6 +16,8 @@ from .errors import StreamqError
 from .quant.schemes import SCHEMES, specs_for
 from .recipe import QuantArgs, Recipe
 
+ROUTED_EXPERT = ".mlp.experts."
+STATIC_SCHEMES = ("W8A8", "W8A8_MIX", "W8A8S")
 SHARD_NAME = "quant_model_weights-{:05d}-of-{:05d}.safetensors"
 INDEX_NAME = "quant_model_weights.safetensors.index.json"
 DESCRIPTION_NAME = "quant_model_description.json"
@@ -53,9 +56,22 @@ class Plan:
     def description(self) -> dict:
         types = {t.name: t.qtype for ts in self.outputs.values() for t in ts}
         present = {REPORTED_AS.get(t, t) for t in types.values()}
-        top = max(present, key=TYPE_PRIORITY.index)
+        # A DeepSeek W4A8 mix reports W8A8_DYNAMIC even beside static W8A8 MLA (MindIE requires it).
+        top = "W8A8_DYNAMIC" if "W4A8_DYNAMIC" in types.values() else max(present, key=TYPE_PRIORITY.index)
         return {"version": "1.0.0", "model_quant_type": top, "group_size": self.group_size(), "metadata": {},
                 **types}
+
+    def config_extra(self, recipe: Recipe) -> dict:
+        """Keys the output config.json gains: the recipe's, made true to what was written."""
+        extra = dict(recipe.config_extra)
+        mtp = [s for s in self.steps if s.kind == "mtp"]
+        if not mtp:
+            extra.pop("mtp_quantize", None)
+            if recipe.mtp == "drop":
+                extra["num_nextn_predict_layers"] = 0
+        elif all(self.args.get(n, QuantArgs("FLOAT")).scheme == "FLOAT" for n in mtp[0].linears):
+            extra.pop("mtp_quantize", None)
+        return extra
 
     def group_size(self) -> int:
         sizes = {a.group_size for a in self.args.values() if a.scheme in ("W4A16", "W4A8_DYNAMIC")}
@@ -81,7 +97,14 @@ def _outputs_of(step: Step, recipe: Recipe, reader: CheckpointReader, dt: torch.
         if not (name.endswith(".weight") and module in linears):
             out.append(OutTensor(name, float_dtype, step.shapes[name], "FLOAT", name))
             continue
-        a = recipe.args_for(module, is_last_linear=(module == "lm_head"))
+        a = recipe.args_for(module, is_last_linear=(module == "lm_head"),
+                            mtp_index=step.index if step.kind == "mtp" else None)
+        if step.kind == "mtp" and recipe.mtp == "float":
+            a = dataclasses.replace(a, scheme="FLOAT")
+        if ROUTED_EXPERT in module and a.scheme in STATIC_SCHEMES:
+            raise StreamqError(f"{module}: routed experts cannot use static {a.scheme} (tokens reach an expert "
+                               "unevenly, so there is no per-tensor range to calibrate)",
+                               "use W8A8_DYNAMIC or W4A8_DYNAMIC for experts")
         args[module] = a
         if a.scheme == "FLOAT":
             out.append(OutTensor(name, float_dtype, step.shapes[name], "FLOAT", name))
@@ -118,9 +141,10 @@ def _assign_shards(tensors: list[OutTensor], max_bytes: int) -> list[tuple[OutTe
 
 def build_plan(recipe: Recipe, steps: list[Step], reader: CheckpointReader, dt: torch.dtype) -> Plan:
     args: dict[str, QuantArgs] = {}
+    _check_unclaimed(steps, reader)
+    steps = [s for s in steps if not (s.kind == "mtp" and recipe.mtp == "drop")]
     outputs = {s.key: tuple(_outputs_of(s, recipe, reader, dt, args)) for s in steps}
     _check_groups(args)
-    _check_unclaimed(steps, reader)
     ordered = [t for s in steps for t in outputs[s.key]]
     shards = _assign_shards(ordered, int(recipe.shard_size_gb * 1e9))
     return Plan(tuple(steps), outputs, tuple(shards), args, dt)

@@ -62,13 +62,18 @@ class QuantArgs:
 
 @dataclass(frozen=True)
 class Rule:
-    match: str                   # glob on the module name, or "re:<regex>"
+    match: str                   # glob on the module name, or "re:<regex>"; {mtp} = the MTP layer index
     args: QuantArgs
 
-    def matches(self, module: str) -> bool:
-        if self.match.startswith("re:"):
-            return re.fullmatch(self.match[3:], module) is not None
-        return fnmatch.fnmatchcase(module, self.match)
+    def matches(self, module: str, mtp_index: int | None = None) -> bool:
+        pattern = self.match
+        if "{mtp}" in pattern:
+            if mtp_index is None:
+                return False
+            pattern = pattern.replace("{mtp}", str(mtp_index))
+        if pattern.startswith("re:"):
+            return re.fullmatch(pattern[3:], module) is not None
+        return fnmatch.fnmatchcase(module, pattern)
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,7 @@ class Run:
     batch_size: int = 8
     compute_dtype: str = "float32"
     propagate: str = "quantized"  # next layer sees the quantized ("quantized") or float output
+    expert_budget_gb: float = 8.0  # device memory for one chunk of routed experts' weights
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,8 @@ class Recipe:
     model: str = ""
     output: str = ""
     shard_size_gb: float = 4.0
+    mtp: str = "quantize"        # the MTP layer: quantize by the rules, keep "float", or "drop" it
+    config_extra: dict = field(default_factory=dict)  # keys added to the output config.json
     default: QuantArgs = QuantArgs()
     rules: tuple[Rule, ...] = ()
     disable_names: tuple[str, ...] = ()
@@ -101,19 +109,20 @@ class Recipe:
     run: Run = Run()
     source_text: str = field(default="", compare=False, repr=False)
 
-    def args_for(self, module: str, is_last_linear: bool = False) -> QuantArgs:
+    def args_for(self, module: str, is_last_linear: bool = False, mtp_index: int | None = None) -> QuantArgs:
         """The quantization of one linear: disable words first, then the first matching rule."""
         if module in self.disable_names or (is_last_linear and self.disable_last_linear):
             return dataclasses.replace(self.default, scheme="FLOAT")
         for rule in self.rules:
-            if rule.matches(module):
+            if rule.matches(module, mtp_index):
                 return rule.args
         return self.default
 
     def semantic(self) -> dict:
         """Everything that changes the output bytes (what resume compares), keyed as in the TOML."""
         return {
-            "output": {"shard_size_gb": self.shard_size_gb},
+            "model": {"mtp": self.mtp},
+            "output": {"shard_size_gb": self.shard_size_gb, "config": dict(self.config_extra)},
             "quant": {
                 **dataclasses.asdict(self.default),
                 "rules": [{"match": r.match, **dataclasses.asdict(r.args)} for r in self.rules],
@@ -133,10 +142,10 @@ class Recipe:
 
 TABLE_KEYS = {
     "": {"model", "output", "calibration", "quant", "run"},
-    "model": {"path"},
-    "output": {"path", "shard_size_gb"},
+    "model": {"path", "mtp"},
+    "output": {"path", "shard_size_gb", "config"},
     "calibration": {"source", "text_field", "samples", "seq_len", "seed"},
-    "run": {"device", "batch_size", "compute_dtype", "propagate"},
+    "run": {"device", "batch_size", "compute_dtype", "propagate", "expert_budget_gb"},
 }
 ARG_KEYS = {"scheme", "group_size", "w_method", "w_sym", "w_bit", "a_bit", "is_dynamic"}
 QUANT_KEYS = ARG_KEYS | {"rules", "disable_names", "disable_last_linear"} | set(NEUTRAL_OPTIONS)
@@ -234,6 +243,7 @@ def parse_recipe(text: str, path: Path) -> Recipe:
         batch_size=_typed(run.get("batch_size", 8), int, "run.batch_size", path),
         compute_dtype=_typed(run.get("compute_dtype", "float32"), str, "run.compute_dtype", path),
         propagate=_typed(run.get("propagate", "quantized"), str, "run.propagate", path),
+        expert_budget_gb=_typed(run.get("expert_budget_gb", 8.0), float, "run.expert_budget_gb", path),
     )
     _check_choice(runopts.compute_dtype, ("float32", "bfloat16", "float16"), "run.compute_dtype", path)
     _check_choice(runopts.propagate, ("quantized", "float"), "run.propagate", path)
@@ -245,8 +255,15 @@ def parse_recipe(text: str, path: Path) -> Recipe:
     names = quant.get("disable_names", [])
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise StreamqError(f"{path}: quant.disable_names must be a list of module names", "fix the value")
+    mtp = _typed(doc.get("model", {}).get("mtp", "quantize"), str, "model.mtp", path)
+    _check_choice(mtp, ("quantize", "float", "drop"), "model.mtp", path)
+    extra = out.get("config", {})
+    if not isinstance(extra, dict):
+        raise StreamqError(f"{path}: output.config must be a table of keys for config.json", "fix the value")
     return Recipe(
         model=_typed(doc.get("model", {}).get("path", ""), str, "model.path", path),
+        mtp=mtp,
+        config_extra=extra,
         output=_typed(out.get("path", ""), str, "output.path", path),
         shard_size_gb=shard,
         default=default,

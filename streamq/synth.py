@@ -364,14 +364,15 @@ def router_groups(experts: int, per_token: int, max_groups: int) -> tuple[int, i
 
 def deepseek_v3_config(layers: int = 3, first_k_dense: int = 1, experts: int = 8,
                        hidden: int | None = None, mtp: bool = False, real_widths: bool = False,
-                       q_lora_rank: int | None = _FROM_WIDTHS, vocab: int | None = None
-                       ) -> DeepseekV3Config:
+                       q_lora_rank: int | None = _FROM_WIDTHS, vocab: int | None = None,
+                       moe_intermediate: int | None = None) -> DeepseekV3Config:
     if experts < 1:
         raise StreamqError(f"experts must be at least 1, got {experts}", "pass e.g. experts=8")
     width = "real" if real_widths else "tiny"
     kw = dict(DEEPSEEK_WIDTHS[width])
     kw["hidden_size"] = hidden or kw["hidden_size"]
     kw["vocab_size"] = vocab or kw["vocab_size"]
+    kw["moe_intermediate_size"] = moe_intermediate or kw["moe_intermediate_size"]
     if q_lora_rank is not _FROM_WIDTHS:
         kw["q_lora_rank"] = q_lora_rank
     kw["num_experts_per_tok"] = min(kw["num_experts_per_tok"], experts)
@@ -445,13 +446,14 @@ def deepseek_v3_specs(c: DeepseekV3Config) -> Iterator[TensorSpec]:
 def write_deepseek_v3(out: Path, layers: int = 3, first_k_dense: int = 1, experts: int = 8,
                       hidden: int | None = None, fp8: bool = False, mtp: bool = False,
                       real_widths: bool = False, shard_mb: float = 2000, seed: int = 0,
-                      q_lora_rank: int | None = _FROM_WIDTHS, vocab: int | None = None) -> Path:
+                      q_lora_rank: int | None = _FROM_WIDTHS, vocab: int | None = None,
+                      moe_intermediate: int | None = None) -> Path:
     """A random DeepSeek-V3/R1-layout checkpoint in `out`; returns `out`.
 
     hidden / vocab / q_lora_rank default to the width table (tiny, or R1's with real_widths);
     q_lora_rank=None gives V2-Lite-style attention with a plain q_proj."""
     config = deepseek_v3_config(layers, first_k_dense, experts, hidden, mtp, real_widths,
-                                q_lora_rank, vocab)
+                                q_lora_rank, vocab, moe_intermediate)
     extra = DEEPSEEK_EXTRA_CONFIG | ({"quantization_config": FP8_QUANTIZATION_CONFIG} if fp8 else {})
     return _write_checkpoint(out, config, deepseek_v3_specs(config), dtype=torch.bfloat16, fp8=fp8,
                              shard_mb=shard_mb, seed=seed, extra_config=extra)
@@ -463,7 +465,7 @@ def write_deepseek_v3(out: Path, layers: int = 3, first_k_dense: int = 1, expert
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Options (argparse dests) that only one kind of checkpoint takes.
-_DEEPSEEK_ONLY = ("experts", "fp8", "mtp", "real_widths")
+_DEEPSEEK_ONLY = ("experts", "moe_intermediate", "fp8", "mtp", "real_widths")
 _DENSE_ONLY = ("tied", "dtype")
 
 
@@ -476,6 +478,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--hidden", type=int)
     ap.add_argument("--vocab", type=int)
     ap.add_argument("--experts", type=int, help="deepseek-v3: routed experts per MoE layer")
+    ap.add_argument("--moe-intermediate", type=int, help="deepseek-v3: width of each routed expert")
     ap.add_argument("--fp8", action="store_true", help="deepseek-v3: FP8 weights with 128x128 block scales")
     ap.add_argument("--mtp", action="store_true", help="deepseek-v3: add the multi-token-prediction layer")
     ap.add_argument("--real-widths", action="store_true", help="deepseek-v3: DeepSeek-R1 tensor widths")
@@ -509,7 +512,8 @@ def main_synth(argv: list[str]) -> int:
               if v is not None}
     common |= {"shard_mb": args.shard_mb, "seed": args.seed}
     if deepseek:
-        experts = {"experts": args.experts} if args.experts is not None else {}
+        experts = {k: v for k, v in (("experts", args.experts), ("moe_intermediate", args.moe_intermediate))
+                   if v is not None}
         write_deepseek_v3(args.out, fp8=args.fp8, mtp=args.mtp, real_widths=args.real_widths,
                           **common, **experts)
     else:

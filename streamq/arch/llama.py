@@ -30,7 +30,7 @@ INPUT_GROUPS = {
 
 
 class DenseArch:
-    def __init__(self, config, has_lm_head: bool):
+    def __init__(self, config, has_lm_head: bool, names: set[str] | None = None):
         self.config = config
         self.config._attn_implementation = "sdpa"  # causal without an explicit mask
         self.family = config.model_type

@@ -1,0 +1,185 @@
+"""Step functions for DeepSeek-V3/R1 layers: the layer "base" (attention, norms, router, shared
+experts or dense MLP) once per layer, then the routed experts streamed in chunks.
+
+A layer runs in two phases over the calibration states:
+  base:    float pass (observing the base linears' inputs) → quantize base → quantized pass.
+           Each pass keeps its MoE input x, the routing, and h1 + shared (the residual sum so far).
+  experts: per chunk of experts (sized to the device budget): load, add each expert's float
+           contribution to the float sum and its quantized contribution to the quantized sum,
+           write its tensors, free the chunk.
+The attention of a batch is computed once per pass, never once per chunk.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import faults
+from .arch.base import Step
+from .layerquant import observe_inputs, quantize_linears
+from .steps import Context, load_float, write_outputs
+
+EXPERT_TAG = ".mlp.experts."
+
+
+@dataclass
+class BasePass:
+    out: torch.Tensor            # h1 + shared (MoE) or the whole layer output (dense), fp32 [S, L, h]
+    x: torch.Tensor | None       # MoE input (post-attention norm), [S·L, h]
+    idx: torch.Tensor | None     # routing: expert ids [S·L, k]
+    w: torch.Tensor | None       # routing weights [S·L, k]
+
+
+def _is_expert(name: str) -> bool:
+    return EXPERT_TAG in name
+
+
+def _run_base(ctx: Context, base, inputs, n_tokens_shape, moe: bool) -> BasePass:
+    """One pass of the base over all calibration batches; `inputs(i, j)` gives batch rows i:j."""
+    arch, cdt = ctx.arch, ctx.cdt
+    S, L, h = n_tokens_shape
+    rotary = ctx.rotary_for(L)
+    out = torch.empty(S, L, h)
+    x = torch.empty(S, L, h) if moe else None
+    idx, w = [], []
+    with torch.no_grad():
+        for i in range(0, S, ctx.recipe.run.batch_size):
+            j = min(i + ctx.recipe.run.batch_size, S)
+            hb = inputs(i, j)
+            h1 = arch.attn_block(base, hb, rotary)
+            xb = arch.mlp_input(base, h1)
+            if moe:
+                ib, wb = arch.route(base, xb)
+                idx.append(ib.cpu())
+                w.append(wb.cpu())
+                out[i:j] = (h1 + arch.shared(base, xb)).float().cpu()
+                x[i:j] = xb.float().cpu()
+            else:
+                out[i:j] = (h1 + arch.dense_mlp(base, xb)).float().cpu()
+    if not moe:
+        return BasePass(out, None, None, None)
+    return BasePass(out, x.view(S * L, h), torch.cat(idx), torch.cat(w))
+
+
+def _expert_chunks(ctx: Context, step: Step) -> list[list[int]]:
+    """Experts per chunk: as many as the device budget holds (weights in the compute dtype)."""
+    c = ctx.arch.config
+    per_expert = 3 * c.hidden_size * c.moe_intermediate_size * torch.finfo(ctx.cdt).bits // 8
+    chunk = max(1, int(ctx.recipe.run.expert_budget_gb * 1e9) // per_expert)
+    E = c.n_routed_experts
+    return [list(range(a, min(a + chunk, E))) for a in range(0, E, chunk)]
+
+
+def _add_expert(out: torch.Tensor, expert, p: BasePass, e: int, ctx: Context) -> int:
+    """out += w · expert(x) for the tokens routed to e (in token batches); returns their count."""
+    token, weight = ctx.arch.tokens_for(p.idx, p.w, e)
+    flat = out.view(-1, out.shape[-1])
+    step = ctx.recipe.run.batch_size * out.shape[1]
+    with torch.no_grad():
+        for a in range(0, token.numel(), step):
+            t, wt = token[a:a + step], weight[a:a + step]
+            y = expert(p.x[t].to(ctx.device, ctx.cdt)).float().cpu()
+            flat.index_add_(0, t, y * wt[:, None])
+    return int(token.numel())
+
+
+def _experts_phase(ctx: Context, step: Step, F: BasePass, Q: BasePass) -> dict:
+    i = step.index
+    unrouted = []
+    for chunk in _expert_chunks(ctx, step):
+        names = [n for e in chunk for n in step.shapes if n.startswith(ctx.arch.expert_prefix(i, e) + ".")]
+        raw = load_float(ctx, step, names)
+        quantized = {}
+        for e in chunk:
+            prefix = ctx.arch.expert_prefix(i, e)
+            expert = ctx.arch.build_expert(i, e, raw, ctx.device, ctx.cdt)
+            if _add_expert(F.out, expert, F, e, ctx) == 0:
+                unrouted.append(e)
+            args = {n: a for n, a in ctx.plan.args.items() if n.startswith(prefix + ".")}
+            # Routed experts are never static, so their quantization needs no input statistics.
+            q = quantize_linears(expert, prefix, args, {}, {}, ctx.plan.model_dtype)
+            quantized.update(q)
+            _add_expert(Q.out, expert, Q, e, ctx)
+        write_outputs(ctx, step, raw, quantized, names)
+        faults.point("expert-chunk-written")
+    return {"experts_without_tokens": unrouted}
+
+
+def _base_phase(ctx: Context, step: Step, make_inputs, shape) -> tuple[BasePass, BasePass]:
+    """`make_inputs(base)` returns `inputs(i, j)`: the base's input for calibration rows i:j."""
+    names = [n for n in step.shapes if not _is_expert(n)]
+    raw = load_float(ctx, step, names)
+    base = ctx.arch.build_base(step, raw, ctx.device, ctx.cdt)
+    inputs = make_inputs(base)
+    moe = ctx.arch.is_moe(step.index)
+    prefix = f"model.layers.{step.index}"
+    args = {n: a for n, a in ctx.plan.args.items() if n in step.linears and not _is_expert(n)
+            and n in _submodules(base, prefix)}
+    quantizable = [n for n, a in args.items() if a.scheme != "FLOAT"]
+    with observe_inputs(base, prefix, step.groups, quantizable) as obs:
+        F = _run_base(ctx, base, inputs, shape, moe)
+    ranges = {k: o.range() for k, o in obs.items()}
+    quantized = quantize_linears(base, prefix, args, step.groups, ranges, ctx.plan.model_dtype)
+    Q = _run_base(ctx, base, inputs, shape, moe) if quantized else BasePass(F.out.clone(), F.x, F.idx, F.w)
+    head = _mtp_head(ctx, step, raw)
+    write_outputs(ctx, step, raw, {**quantized, **head}, names)
+    return F, Q
+
+
+def _submodules(base, prefix: str) -> set[str]:
+    return {f"{prefix}.{n}" for n, _ in base.named_modules() if n}
+
+
+def _mtp_head(ctx: Context, step: Step, raw: dict) -> dict:
+    """The MTP shared_head.head, quantized data-free when a rule asks for it (it is written with
+    the base, before the experts that feed it have run)."""
+    name = f"model.layers.{step.index}.shared_head.head"
+    a = ctx.plan.args.get(name)
+    if step.kind != "mtp" or a is None or a.scheme == "FLOAT":
+        return {}
+    head = torch.nn.Linear(1, 1, bias=False)
+    head.weight = torch.nn.Parameter(raw[name + ".weight"].float(), requires_grad=False)
+    q = quantize_linears(torch.nn.ModuleDict({"head": head}), "", {"head": a}, {}, {}, ctx.plan.model_dtype)
+    return {name: q["head"]}
+
+
+def _finish(F: BasePass, Q: BasePass, propagate: str):
+    err = float((Q.out - F.out).norm() / F.out.norm().clamp_min(1e-30))
+    return (F.out if propagate == "float" else Q.out), err
+
+
+def step_deepseek_layer(ctx: Context, step: Step, H):
+    F, Q = _base_phase(ctx, step, lambda base: lambda i, j: H[i:j].to(ctx.device, ctx.cdt), tuple(H.shape))
+    stats = _experts_phase(ctx, step, F, Q) if ctx.arch.is_moe(step.index) else {}
+    H_next, err = _finish(F, Q, ctx.recipe.run.propagate)
+    return H_next, {**stats, "rel_error": err}
+
+
+def _mtp_sources(ctx: Context, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+    """The main model's final-normed states at t (t < L-1) and the embeddings of token t+1."""
+    own_embed = f"model.layers.{step.index}.embed_tokens.weight"
+    names = [n for n in ("model.norm.weight", "model.embed_tokens.weight", own_embed) if n in ctx.reader]
+    src = ctx.reader.load(names)
+    embed = src.get(own_embed, src["model.embed_tokens.weight"]).float()
+    norm = ctx.arch.final_norm(src["model.norm.weight"].float())
+    return norm, embed
+
+
+def step_mtp(ctx: Context, step: Step, H):
+    """The MTP layer's output feeds nothing else here, so the main states H pass through unchanged."""
+    norm, embed = _mtp_sources(ctx, step)
+    with torch.no_grad():
+        h_main = norm(H[:, :-1])
+    next_embeds = embed[ctx.ids[:, 1:]]
+
+    def make_inputs(base):
+        return lambda i, j: ctx.arch.mtp_input(base, h_main[i:j].to(ctx.device, ctx.cdt),
+                                               next_embeds[i:j].to(ctx.device, ctx.cdt))
+    F, Q = _base_phase(ctx, step, make_inputs, tuple(h_main.shape))
+    stats = _experts_phase(ctx, step, F, Q)
+    _, err = _finish(F, Q, ctx.recipe.run.propagate)
+    return H, {**stats, "rel_error": err}
+
+
+MOE_STEP_FNS = {"layer": step_deepseek_layer, "mtp": step_mtp}
