@@ -27,6 +27,10 @@ demo: $(SMOL)/config.json
 	$(PY) -m streamq run recipes/w4a16_g64.toml --model $(SMOL) --output $(OUT)/smollm2-w4a16-g64 --restart
 	$(PY) -m streamq verify $(OUT)/smollm2-w4a16-g64
 	$(PY) -m streamq inspect $(OUT)/smollm2-w4a16-g64
+	$(PY) -m streamq synth deepseek-v3 --out $(CACHE)/deepseek-tiny-fp8 --layers 3 --experts 8 --hidden 256 --moe-intermediate 256 --fp8 --mtp
+	$(PY) -m streamq run recipes/deepseek_r1_w4a8.toml --model $(CACHE)/deepseek-tiny-fp8 --output $(OUT)/deepseek-tiny-w4a8 --restart
+	$(PY) -m streamq verify $(OUT)/deepseek-tiny-w4a8
+	$(PY) -m streamq inspect $(OUT)/deepseek-tiny-w4a8
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

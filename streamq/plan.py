@@ -49,6 +49,7 @@ class Plan:
     shards: tuple[tuple[OutTensor, ...], ...]           # tensors of each shard, in write order
     args: dict[str, QuantArgs]                          # linear → its quantization
     model_dtype: torch.dtype
+    dropped_mtp: bool = False                           # the source has an MTP layer the recipe drops
 
     def shard_names(self) -> list[str]:
         return [SHARD_NAME.format(i + 1, len(self.shards)) for i in range(len(self.shards))]
@@ -67,7 +68,7 @@ class Plan:
         mtp = [s for s in self.steps if s.kind == "mtp"]
         if not mtp:
             extra.pop("mtp_quantize", None)
-            if recipe.mtp == "drop":
+            if self.dropped_mtp:
                 extra["num_nextn_predict_layers"] = 0
         elif all(self.args.get(n, QuantArgs("FLOAT")).scheme == "FLOAT" for n in mtp[0].linears):
             extra.pop("mtp_quantize", None)
@@ -142,12 +143,13 @@ def _assign_shards(tensors: list[OutTensor], max_bytes: int) -> list[tuple[OutTe
 def build_plan(recipe: Recipe, steps: list[Step], reader: CheckpointReader, dt: torch.dtype) -> Plan:
     args: dict[str, QuantArgs] = {}
     _check_unclaimed(steps, reader)
-    steps = [s for s in steps if not (s.kind == "mtp" and recipe.mtp == "drop")]
+    kept = [s for s in steps if not (s.kind == "mtp" and recipe.mtp == "drop")]
+    dropped, steps = len(kept) < len(steps), kept
     outputs = {s.key: tuple(_outputs_of(s, recipe, reader, dt, args)) for s in steps}
     _check_groups(args)
     ordered = [t for s in steps for t in outputs[s.key]]
     shards = _assign_shards(ordered, int(recipe.shard_size_gb * 1e9))
-    return Plan(tuple(steps), outputs, tuple(shards), args, dt)
+    return Plan(tuple(steps), outputs, tuple(shards), args, dt, dropped)
 
 
 IGNORED_SUFFIXES = (FP8_SCALE_SUFFIX, "rotary_emb.inv_freq")

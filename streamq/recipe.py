@@ -22,6 +22,7 @@ from .errors import StreamqError
 # Schemes streamq can write, and whether this build implements them yet. A named scheme that is
 # not implemented is an error at load time, never a silent fallback.
 KNOWN_SCHEMES = ("FLOAT", "W8A8", "W8A8_DYNAMIC", "W8A8_MIX", "W8A16", "W4A16", "W4A8_DYNAMIC", "W8A8S")
+UNIMPLEMENTED_SCHEMES = ("W8A8S",)
 W_METHODS = ("minmax",)
 UNIMPLEMENTED_W_METHODS = ("gptq", "hqq", "ssz")
 
@@ -48,6 +49,10 @@ NEUTRAL_OPTIONS = {
     "anti_method": "",
     "disable_level": "",
     "nonuniform": False,
+    "percdamp": 0.01,
+    "sigma_factor": 3.0,
+    "open_outlier": True,
+    "fraction": 0.01,
 }
 
 
@@ -183,6 +188,9 @@ def _parse_args(table: dict, base: QuantArgs, where: str, path: Path) -> QuantAr
         close = difflib.get_close_matches(scheme, KNOWN_SCHEMES, n=1)
         raise StreamqError(f"{path}: unknown scheme '{scheme}' in {where}scheme",
                            f"did you mean '{close[0]}'?" if close else f"one of {', '.join(KNOWN_SCHEMES)}")
+    if scheme in UNIMPLEMENTED_SCHEMES:
+        raise StreamqError(f"{path}: scheme {scheme} in {where}scheme is not implemented in this version",
+                           "choose W8A8, W8A8_DYNAMIC, W8A8_MIX, W8A16, W4A16 or W4A8_DYNAMIC")
     w_method = _typed(table.get("w_method", base.w_method), str, where + "w_method", path).lower()
     if w_method in UNIMPLEMENTED_W_METHODS:
         raise StreamqError(f"{path}: w_method '{w_method}' in {where} is not implemented in this version",
@@ -193,6 +201,10 @@ def _parse_args(table: dict, base: QuantArgs, where: str, path: Path) -> QuantAr
     if group_size < 0:
         raise StreamqError(f"{path}: {where}group_size must be >= 0 (0 = per channel)", "fix the value")
     w_sym = _typed(table.get("w_sym", base.w_sym), bool, where + "w_sym", path)
+    if not w_sym and scheme not in ("W4A16", "FLOAT"):
+        # Consumers ignore weight offsets for every other scheme (FORMAT.md §3).
+        raise StreamqError(f"{path}: w_sym = false in {where} applies only to W4A16; {scheme} weights are symmetric",
+                           "remove w_sym or set it to true for this scheme")
     return QuantArgs(scheme=scheme, group_size=group_size, w_method=w_method, w_sym=w_sym)
 
 

@@ -9,6 +9,8 @@ importing the package itself needs dependencies streamq does not want, so only i
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -36,9 +38,11 @@ def convert(out: Path) -> Path:
     tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.bfloat16,
                                                  quantization_config=GgufConfig(gguf_file=GGUF, dequantize=True))
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)  # a half-written folder from an interrupted conversion
     tmp.rename(out)
     return out
 

@@ -14,6 +14,7 @@ w_sym = false
 [[quant.rules]]
 match = "*.mlp.down_proj"
 scheme = "W8A8_DYNAMIC"
+group_size = 0
 """
 
 

@@ -83,8 +83,16 @@ def _group(args: QuantArgs, k: int) -> int:
     return args.group_size or k
 
 
+def _per_channel_only(scheme: Scheme, name: str, args: QuantArgs) -> None:
+    _require(args.group_size == 0, name, scheme.name, "group_size = 0 (its weights are per-channel)",
+             "set group_size = 0 in the rule for this scheme (W4A16 and W4A8_DYNAMIC take groups)")
+
+
 class W8A8Dynamic(Scheme):
     name, act = "W8A8_DYNAMIC", "per_token"
+
+    def check(self, name, n, k, args):
+        _per_channel_only(self, name, args)
 
     def specs(self, name, n, k, args, dt):
         return [("weight", torch.int8, (n, k)), ("weight_scale", dt, (n, 1)), ("weight_offset", dt, (n, 1))]
@@ -97,10 +105,6 @@ class W8A8Dynamic(Scheme):
 
 class W8A16(W8A8Dynamic):
     name, act = "W8A16", "none"
-
-    def check(self, name, n, k, args):
-        _require(args.group_size == 0, name, self.name, "group_size = 0 (it is per-channel)",
-                 "use W4A16 for per-group weights or set group_size = 0")
 
 
 class W4A16(Scheme):
@@ -132,6 +136,9 @@ class W4A16(Scheme):
 
 class W8A8Static(Scheme):
     name, act = "W8A8", "per_tensor"
+
+    def check(self, name, n, k, args):
+        _per_channel_only(self, name, args)
 
     def specs(self, name, n, k, args, dt):
         deq_dt = torch.int64 if dt == torch.float16 else torch.float32
