@@ -1,0 +1,71 @@
+"""Recipe parsing: rules, msModelSlim words, validation, semantic vs run keys."""
+from pathlib import Path
+
+import pytest
+
+from streamq.errors import StreamqError
+from streamq.recipe import parse_recipe
+
+P = Path("r.toml")
+
+RULES = """
+[quant]
+scheme = "W8A8_DYNAMIC"
+disable_names = ["model.layers.0.mlp.down_proj"]
+[[quant.rules]]
+match = "model.layers.{mtp}.mlp.experts.*"
+scheme = "FLOAT"
+[[quant.rules]]
+match = "*.mlp.down_proj"
+scheme = "W8A16"
+[[quant.rules]]
+match = "re:model\\\\.layers\\\\.[0-9]+\\\\.mlp\\\\..*"
+scheme = "W4A16"
+group_size = 64
+"""
+
+
+def test_first_matching_rule_wins_and_disable_names_come_first():
+    r = parse_recipe(RULES, P)
+    assert r.args_for("model.layers.0.mlp.down_proj").scheme == "FLOAT"
+    assert r.args_for("model.layers.1.mlp.down_proj").scheme == "W8A16"
+    up = r.args_for("model.layers.1.mlp.up_proj")
+    assert (up.scheme, up.group_size) == ("W4A16", 64)
+    assert r.args_for("model.layers.1.self_attn.q_proj").scheme == "W8A8_DYNAMIC"
+    assert r.args_for("lm_head", is_last_linear=True).scheme == "FLOAT"
+
+
+def test_mtp_placeholder_matches_only_the_mtp_layer():
+    r = parse_recipe(RULES, P)
+    assert r.args_for("model.layers.61.mlp.experts.3.up_proj", mtp_index=61).scheme == "FLOAT"
+    assert r.args_for("model.layers.60.mlp.experts.3.up_proj").scheme == "W4A16"
+
+
+@pytest.mark.parametrize("bits,scheme", [("w_bit = 8\na_bit = 8\nis_dynamic = true", "W8A8_DYNAMIC"),
+                                         ("w_bit = 8\na_bit = 8", "W8A8"),
+                                         ("w_bit = 4\na_bit = 16", "W4A16")])
+def test_msmodelslim_words(bits, scheme):
+    assert parse_recipe(f"[quant]\n{bits}\n", P).default.scheme == scheme
+
+
+def test_semantic_hash_ignores_run_keys():
+    a = parse_recipe('[quant]\nscheme = "W8A16"\n[run]\nbatch_size = 2\ndevice = "cpu"\n', P)
+    b = parse_recipe('[quant]\nscheme = "W8A16"\n[run]\nbatch_size = 16\n', P)
+    c = parse_recipe('[quant]\nscheme = "W8A8_DYNAMIC"\n', P)
+    assert a.semantic_hash() == b.semantic_hash() != c.semantic_hash()
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('[calibraton]\nsamples = 4\n', "did you mean 'calibration'"),
+    ('[quant]\nscheme = 8\n', "must be str"),
+    ('[quant]\ndo_smooth = true\n', "not implemented"),
+    ('[quant]\nscheme = "W8A8_DYNAMIC"\nw_sym = false\n', "only to W4A16"),
+    ('[[quant.rules]]\nscheme = "FLOAT"\n', "no 'match'"),
+    ('[[quant.rules]]\nmatch = "re:(("\n', "not a valid regex"),
+    ('[run]\npropagate = "sideways"\n', "run.propagate"),
+    ('[quant\n', "not valid TOML"),
+])
+def test_invalid_recipes_name_the_key(text, needle):
+    with pytest.raises(StreamqError, match=needle.replace("(", r"\(")) as e:
+        parse_recipe(text, P)
+    assert "r.toml" in str(e.value)
