@@ -28,7 +28,7 @@ demo: $(SMOL)/config.json
 	$(PY) -m streamq verify $(OUT)/smollm2-w4a16-g64
 	$(PY) -m streamq inspect $(OUT)/smollm2-w4a16-g64
 	$(PY) -m streamq synth deepseek-v3 --out $(CACHE)/deepseek-tiny-fp8 --layers 3 --experts 8 --hidden 256 --moe-intermediate 256 --fp8 --mtp
-	$(PY) -m streamq run recipes/deepseek_r1_w4a8.toml --model $(CACHE)/deepseek-tiny-fp8 --output $(OUT)/deepseek-tiny-w4a8 --restart
+	$(PY) -m streamq run recipes/deepseek_r1_w4a8.toml --model $(CACHE)/deepseek-tiny-fp8 --output $(OUT)/deepseek-tiny-w4a8 --restart --samples 8 --seq-len 128
 	$(PY) -m streamq verify $(OUT)/deepseek-tiny-w4a8
 	$(PY) -m streamq inspect $(OUT)/deepseek-tiny-w4a8
 

@@ -21,6 +21,11 @@ def _run(a) -> int:
                            "pass --model DIR and --output DIR, or set [model] path / [output] path in the recipe")
     if a.device:
         recipe = dataclasses.replace(recipe, run=dataclasses.replace(recipe.run, device=a.device))
+    overrides = {k: v for k, v in (("samples", a.samples), ("seq_len", a.seq_len)) if v is not None}
+    if overrides:
+        if overrides.get("samples", 1) < 1 or overrides.get("seq_len", 2) < 2:
+            raise StreamqError("--samples must be at least 1 and --seq-len at least 2", "fix the value")
+        recipe = dataclasses.replace(recipe, calibration=dataclasses.replace(recipe.calibration, **overrides))
     run(recipe, Path(model), Path(output), recipe.run.device, restart=a.restart)
     print(f"wrote {output}")
     return 0
@@ -51,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--output", help="output folder (overrides the recipe)")
     r.add_argument("--device", help="auto | cpu | cuda[:i] | npu[:i]")
     r.add_argument("--restart", action="store_true", help="discard an interrupted run and start over")
+    r.add_argument("--samples", type=int, help="calibration samples (overrides the recipe)")
+    r.add_argument("--seq-len", type=int, help="calibration sequence length (overrides the recipe)")
     r.set_defaults(fn=_run)
     v = sub.add_parser("verify", help="check an output folder against the ascendV1 format")
     v.add_argument("out")

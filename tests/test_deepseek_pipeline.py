@@ -12,7 +12,10 @@ calling streamq's quantization code.
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,7 +27,7 @@ from safetensors.torch import save_file
 from streamq.cli import main as streamq_main
 from streamq.synth import write_deepseek_v3
 
-from conftest import REPO, load_all, output_bytes, run_cli
+from conftest import REPO, load_all, output_bytes
 
 LAYERS, FIRST_K_DENSE, EXPERTS = 3, 1, 8
 MTP = LAYERS                     # the MTP layer is stored as model.layers.{num_hidden_layers}
@@ -70,8 +73,8 @@ def deepseek_recipe(path: Path, mtp: str = "quantize") -> Path:
     return path
 
 
-def write_model(folder: Path, **kw) -> Path:
-    return write_deepseek_v3(folder, layers=LAYERS, first_k_dense=FIRST_K_DENSE, experts=EXPERTS, hidden=HIDDEN,
+def write_model(folder: Path, layers: int = LAYERS, experts: int = EXPERTS, **kw) -> Path:
+    return write_deepseek_v3(folder, layers=layers, first_k_dense=FIRST_K_DENSE, experts=experts, hidden=HIDDEN,
                              fp8=True, vocab=128, moe_intermediate=MOE_WIDTH, seed=0, **kw)
 
 
@@ -314,22 +317,41 @@ def test_float_linears_are_the_dequantized_source(ds):
 
 # 3. kill and resume inside the MoE layers
 
-# Killed right after this tensor, which lies in the middle of layer 1's second expert chunk.
+# Each MoE layer streams its experts in 4 chunks (see RECIPE_EDITS), so the second chunk written
+# is in layer 1; the tensor below lies inside layer 1's second chunk, before its last tensor; and
+# the third activation save comes right after layer 1 (embed, layer 0, layer 1).
 MID_CHUNK_TENSOR = "model.layers.1.mlp.experts.3.up_proj.weight_scale_second"
 KILLS = ["expert-chunk-written:2", f"tensor-written:{MID_CHUNK_TENSOR}", "acts-saved:3"]
 
 
+@pytest.fixture(scope="module")
+def killed(ds):
+    """Every kill run, started at once: each is mostly interpreter start-up, which overlaps well.
+    Returns kill → (output folder, run arguments, return code, stderr)."""
+    order = write_order(ds.out)
+    procs = {}
+    for kill in KILLS:
+        point, where = kill.split(":", 1)
+        n = where if where.isdigit() else str(order.index(where) + 1)
+        out = ds.tmp / f"killed-{point}"
+        args = ("run", ds.recipe, "--model", ds.model, "--output", out)
+        env = {**os.environ, "STREAMQ_KILL_AT": f"{point}:{n}"}
+        procs[kill] = (out, args, subprocess.Popen([sys.executable, "-m", "streamq", *map(str, args)], cwd=REPO,
+                                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                                   text=True))
+    results = {}
+    for kill, (out, args, p) in procs.items():
+        _, stderr = p.communicate()
+        results[kill] = (out, args, p.returncode, stderr)
+    return results
+
+
 @pytest.mark.parametrize("kill", KILLS)
-def test_kill_and_resume_is_byte_identical(ds, kill):
-    point, where = kill.split(":", 1)
-    if not where.isdigit():
-        where = str(write_order(ds.out).index(where) + 1)
-    out = ds.tmp / f"killed-{point}"
-    args = ("run", ds.recipe, "--model", ds.model, "--output", out)
-    killed = run_cli(*args, env={"STREAMQ_KILL_AT": f"{point}:{where}"})
-    assert killed.returncode == -9, f"no kill at {point}:{where}\n{killed.stderr[-2000:]}"
+def test_kill_and_resume_is_byte_identical(ds, killed, kill):
+    out, args, returncode, stderr = killed[kill]
+    assert returncode == -9, f"the run was not killed at {kill}:\n{stderr[-2000:]}"
     assert not (out / "quant_model_description.json").exists()
-    assert streamq(*args) == 0
+    assert streamq(*args) == 0   # the same command again resumes
     assert output_bytes(out) == output_bytes(ds.out)
     assert not (out / ".streamq").exists()
 
@@ -371,13 +393,15 @@ def test_mtp_kept_in_float(ds):
 
 
 def test_v2_lite_attention(tmp_path):
-    model = write_model(tmp_path / "model", mtp=False, q_lora_rank=None)
+    # one dense and one MoE layer are enough here, and keep this extra run short
+    layers = FIRST_K_DENSE + 1
+    model = write_model(tmp_path / "model", layers=layers, experts=4, mtp=False, q_lora_rank=None)
     out = tmp_path / "out"
     assert streamq("run", deepseek_recipe(tmp_path / "w4a8.toml"), "--model", model, "--output", out) == 0
     assert streamq("verify", out) == 0
     tensors, description = load_all(out), read_json(out / "quant_model_description.json")
     assert "mtp_quantize" not in read_json(out / "config.json")
-    for i in range(LAYERS):
+    for i in range(layers):
         p = f"model.layers.{i}.self_attn"
         assert f"{p}.q_a_proj.weight" not in tensors
         for proj in ("q_proj", "kv_a_proj_with_mqa"):
