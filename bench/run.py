@@ -4,12 +4,12 @@ The machine is shared and its timings drift from minute to minute, so every figu
 is a ratio of two measurements taken in the same run of this script.
 
     .venv/bin/python bench/run.py                    # every row → bench/results.md
-    .venv/bin/python bench/run.py --only rss_depth   # one row → bench/work/results-rss_depth.md
+    .venv/bin/python bench/run.py --only rss_depth   # one row → bench/work/run/results-rss_depth.md
     .venv/bin/python bench/run.py --quick            # smaller models and calibration
 
 Rows are functions registered in ROWS; each returns a Row (measurements plus the commands that
-reproduce them). Scratch data lives in bench/work/; checkpoints and outputs are deleted at the
-end unless --keep is given.
+reproduce them). Scratch data lives in bench/work/run/; checkpoints and outputs are deleted at
+the end unless --keep is given.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
-WORK = BENCH / "work"
+WORK = BENCH / "work" / "run"  # bench/work is shared scratch; this script touches only its own folder
 SMOLLM2 = REPO / ".cache" / "smollm2"
 MiB = 2**20
 MB = 10**6
@@ -110,14 +110,11 @@ PYTHON_SHOWN = shown(PYTHON)
 # Inputs: synthetic checkpoints and recipes
 
 
-def synth_call(sizes: Sizes, layers: int, out: Path) -> str:
-    return (f"write_dense({shown(out)!r}, 'llama', layers={layers}, hidden={sizes.hidden}, "
-            f"intermediate={sizes.intermediate}, heads={sizes.heads}, kv_heads={sizes.kv_heads}, "
-            f"vocab={sizes.vocab}, shard_mb={sizes.shard_mb})")
-
-
 def synth_command(sizes: Sizes, layers: int) -> str:
-    code = f"from streamq.synth import write_dense; {synth_call(sizes, layers, checkpoint_dir(sizes, layers))}"
+    """What synthetic_checkpoint does, as a shell line."""
+    code = (f"from streamq.synth import write_dense; write_dense({shown(checkpoint_dir(sizes, layers))!r}, "
+            f"'llama', layers={layers}, hidden={sizes.hidden}, intermediate={sizes.intermediate}, "
+            f"heads={sizes.heads}, kv_heads={sizes.kv_heads}, vocab={sizes.vocab}, shard_mb={sizes.shard_mb})")
     return f'{PYTHON_SHOWN} -c "{code}"'  # no $, backquote, backslash or " inside
 
 
@@ -293,29 +290,36 @@ def calibration_hidden(recipe: Path, model: Path, config) -> torch.Tensor:
     raise RuntimeError(f"{model} has no model.embed_tokens.weight")
 
 
-def float_forward_seconds(recipe: Path, model: Path, batch: int) -> list[float]:
-    """Seconds per layer of a plain fp32 forward (transformers' LlamaDecoderLayer) over the
+@dataclass
+class Timings:
+    wall: list[float]
+    cpu: list[float]  # all threads of this process: steadier than wall time when others load the machine
+
+
+def float_forward_timings(recipe: Path, model: Path, batch: int) -> Timings:
+    """Per-layer time of a plain fp32 forward (transformers' LlamaDecoderLayer) over the
     calibration tokens, in streamq's batch size, each layer fed the previous one's output.
-    Loading the weights is not timed: this is the compute a layer costs at the least."""
+    Loading the weights is not timed: this is the least compute a layer can cost."""
     from transformers import AutoConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
     config = AutoConfig.from_pretrained(model, local_files_only=True)
     config._attn_implementation = "sdpa"  # causal without an explicit mask, as streamq runs it
     H = calibration_hidden(recipe, model, config)
     rotary = LlamaRotaryEmbedding(config)(H[:1], torch.arange(H.shape[1])[None])
-    seconds = []
+    timings = Timings([], [])
     for i in range(config.num_hidden_layers):
         with torch.device("meta"):
             layer = LlamaDecoderLayer(config, i)
         layer.load_state_dict(layer_tensors(model, i), strict=True, assign=True)
         layer.eval()
-        t0 = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         with torch.no_grad():
             for b in range(0, H.shape[0], batch):
                 out = layer(H[b:b + batch], attention_mask=None, position_embeddings=rotary)
                 H[b:b + batch] = out[0] if isinstance(out, tuple) else out
-        seconds.append(time.perf_counter() - t0)
-    return seconds
+        timings.wall.append(time.perf_counter() - wall)
+        timings.cpu.append(time.process_time() - cpu)
+    return timings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,23 +344,27 @@ def rss_depth(sizes: Sizes) -> Row:
             f"target ≤ {RSS_DEPTH_TARGET:.2f}: {verdict}")
     # Most of the peak is the interpreter with torch and transformers loaded; against that floor
     # a growth with depth shows up far more clearly than in the ratio of totals.
-    base = import_baseline_bytes()
+    base = import_floor()["peak_rss_bytes"]
     row.add("peak RSS above the import floor, shallow → deep",
             f"{(shallow - base) / MiB:.0f} → {(deep - base) / MiB:.0f} MiB",
-            f"floor: {mib(base)} for `import streamq.pipeline` alone")
-    row.add(f"RSS after each layer, {sizes.deep} layers", rss_drift(runs[sizes.deep].report),
-            "per-step rss from the report: flat means nothing accumulates across layers")
+            f"floor: {mib(base)}, a process that only imports streamq's run path")
+    # Within the deep run: where the high-water mark was set, and what stays resident between
+    # layers. Run-to-run variation does not enter these.
+    steps = {s["step"]: s for s in runs[sizes.deep].report["steps"]}
+    first, at_shallow, last = (steps[f"layer.{i}"] for i in (0, sizes.shallow - 1, sizes.deep - 1))
+    row.add(f"{sizes.deep} layers: peak RSS reached by layer {sizes.shallow - 1} → by layer {sizes.deep - 1}",
+            f"{at_shallow['peak_rss'] / MiB:.0f} → {last['peak_rss'] / MiB:.0f} MiB",
+            "the report's per-step peak_rss (the process high-water mark so far)")
+    row.add(f"{sizes.deep} layers: RSS after layer 0 → after layer {sizes.deep - 1}",
+            f"{first['rss'] / MiB:.0f} → {last['rss'] / MiB:.0f} MiB",
+            "the report's per-step rss: what stays resident between layers")
     return row
 
 
-def import_baseline_bytes() -> int:
-    """Peak RSS of a process that only imports what a streamq run imports."""
-    return measure([PYTHON, "-c", "import streamq.pipeline"], WORK / "logs" / "import.log")["peak_rss_bytes"]
-
-
-def rss_drift(report: dict) -> str:
-    rss = [s["rss"] for s in report["steps"] if s["step"].startswith("layer.")]
-    return f"{rss[0] / MiB:.0f} → {rss[-1] / MiB:.0f} MiB (max {max(rss) / MiB:.0f})"
+@functools.cache
+def import_floor() -> dict:
+    """Peak RSS and CPU time of a process that only imports what a streamq run imports."""
+    return measure([PYTHON, "-c", "import streamq.cli, streamq.pipeline"], WORK / "logs" / "import.log")
 
 
 def throughput(sizes: Sizes) -> Row:
@@ -377,19 +385,25 @@ def throughput(sizes: Sizes) -> Row:
             f"includes interpreter start; {run.report['total_seconds']:.1f} s inside steps, "
             f"{run.cpu_s:.0f} s CPU")
     row.add("ratio streamq / sequential read", f"{run.wall_s / copy_s:.0f}×",
-            "compute-bound on CPU: the read is not the limit")
-    float_s = float_forward_seconds(recipe, model, sizes.batch)
+            "near 1 would mean the run is bound by reading its input")
+    float_t = float_forward_timings(recipe, model, sizes.batch)
     layer_s = run.layer_seconds()
     tokens = f"{sizes.samples}×{sizes.seq_len} tokens, batch {sizes.batch}, fp32"
-    row.add("per layer: streamq step, median", f"{statistics.median(layer_s):.3f} s",
+    row.add("per layer: streamq step, median wall", f"{statistics.median(layer_s):.3f} s",
             f"min {min(layer_s):.3f} s over {len(layer_s)} layers")
-    row.add("per layer: float forward, median", f"{statistics.median(float_s):.3f} s",
-            f"LlamaDecoderLayer, {tokens}; min {min(float_s):.3f} s")
-    row.add("ratio streamq / float forward per layer",
-            f"{statistics.median(layer_s) / statistics.median(float_s):.2f}",
-            f"ratio of minima {min(layer_s) / min(float_s):.2f}; a step runs the layer twice "
-            "(float pass to observe, quantized pass to propagate) plus load, quantize, write")
-    row.commands.append(f"{PYTHON_SHOWN} bench/run.py --only throughput   # float forward is in bench/run.py")
+    row.add("per layer: float forward, median wall", f"{statistics.median(float_t.wall):.3f} s",
+            f"LlamaDecoderLayer, {tokens}; min {min(float_t.wall):.3f} s")
+    row.add("ratio streamq / float forward per layer, wall",
+            f"{statistics.median(layer_s) / statistics.median(float_t.wall):.2f}",
+            f"ratio of minima {min(layer_s) / min(float_t.wall):.2f}; a step runs the layer twice "
+            "(float pass to observe, quantized pass to propagate) and loads, quantizes and writes it")
+    # The report has wall time per step only; the run's CPU time less the import floor's, spread
+    # over the layers, also counts the embedding, lm_head and final files (small next to layers).
+    streamq_cpu = (run.cpu_s - import_floor()["cpu_s"]) / len(layer_s)
+    row.add("ratio streamq / float forward per layer, CPU time",
+            f"{streamq_cpu / statistics.mean(float_t.cpu):.2f}",
+            f"{streamq_cpu:.3f} s vs {statistics.mean(float_t.cpu):.3f} s; less sensitive to other load")
+    row.commands.append("# the float forward baseline is float_forward_timings() in bench/run.py")
     return row
 
 
@@ -476,9 +490,9 @@ def run_row(name: str, sizes: Sizes) -> Row:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=sorted(ROWS), help="run one row (writes bench/work/results-NAME.md)")
+    ap.add_argument("--only", choices=sorted(ROWS), help="run one row (writes bench/work/run/results-NAME.md)")
     ap.add_argument("--quick", action="store_true", help="smaller models and calibration")
-    ap.add_argument("--keep", action="store_true", help="keep checkpoints and logs in bench/work")
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoints in bench/work/run")
     ap.add_argument("--out", type=Path, help="where to write the Markdown table")
     args = ap.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv

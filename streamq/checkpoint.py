@@ -82,8 +82,11 @@ def _check_entry(path: Path, name: str, entry, data_len: int, hint: str) -> None
 class CheckpointReader:
     """Where every tensor of a checkpoint lives, and lazy loading of a set of them."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, index_name: str = "model.safetensors.index.json",
+                 shard_prefix: str = ""):
+        """A source checkpoint by default; index_name/shard_prefix select a streamq output instead."""
         self.dir = Path(model_dir)
+        self.index_name, self.shard_prefix = index_name, shard_prefix
         if not (self.dir / "config.json").is_file():
             raise StreamqError(f"{self.dir}: no config.json", "point --model at a Hugging Face checkpoint folder")
         self.tensors: dict[str, TensorInfo] = {}
@@ -99,7 +102,7 @@ class CheckpointReader:
         self._check_index()
 
     def _shard_files(self) -> list[Path]:
-        index = self.dir / "model.safetensors.index.json"
+        index = self.dir / self.index_name
         if index.is_file():
             try:
                 self.weight_map = json.loads(index.read_text())["weight_map"]
@@ -112,7 +115,8 @@ class CheckpointReader:
                                    "copy the missing shard(s) into the model folder")
             return [self.dir / n for n in names]
         self.weight_map = None
-        files = sorted(p for p in self.dir.glob("*.safetensors") if not p.name.startswith("quant_model_weights"))
+        files = sorted(p for p in self.dir.glob(self.shard_prefix + "*.safetensors")
+                       if self.shard_prefix or not p.name.startswith("quant_model_weights"))
         if not files:
             raise StreamqError(f"{self.dir}: no *.safetensors shards", "point --model at a safetensors checkpoint")
         return files
@@ -123,7 +127,7 @@ class CheckpointReader:
         for name, file in self.weight_map.items():
             info = self.tensors.get(name)
             if info is None or info.file.name != file:
-                raise StreamqError(f"model.safetensors.index.json maps '{name}' to {file}, which does not hold it",
+                raise StreamqError(f"{self.index_name} maps '{name}' to {file}, which does not hold it",
                                    "regenerate the index or fix the shards")
 
     def __contains__(self, name: str) -> bool:

@@ -41,6 +41,17 @@ def _inspect(a) -> int:
     return main_inspect(Path(a.out))
 
 
+def _eval(a) -> int:
+    import json
+    from .evaluate import evaluate, table
+    result = evaluate(Path(a.reference), Path(a.quantized), Path(a.text) if a.text else None, a.samples,
+                      a.seq_len, a.batch_size, a.device)
+    print(table(result))
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def _synth(a) -> int:
     from .synth import main_synth
     return main_synth(a.rest)
@@ -65,6 +76,16 @@ def parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="summary of an output folder: tensors by scheme, bytes, compression")
     i.add_argument("out")
     i.set_defaults(fn=_inspect)
+    e = sub.add_parser("eval", help="perplexity / KL / top-1 of a written checkpoint vs its source, layer-streamed")
+    e.add_argument("--reference", required=True, help="the source checkpoint folder")
+    e.add_argument("--quantized", required=True, help="the streamq output folder")
+    e.add_argument("--text", help="evaluation text (.txt/.jsonl/.json, or a folder of plays); default: the shakespeare plays")
+    e.add_argument("--samples", type=int, default=16)
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--json", help="also write the result as JSON to this file")
+    e.set_defaults(fn=_eval)
     s = sub.add_parser("synth", help="write a random checkpoint in the hub's naming", add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(fn=_synth)

@@ -13,33 +13,47 @@ from torch import nn
 
 from .kernels.affine import fake_quant_per_token
 from .quant.schemes import SCHEMES, ActRange, Quantized
+from .quant.gptq import HessianAccumulator
 from .recipe import QuantArgs
 
 
-class MinMaxObserver:
-    """Global min/max of one input over all calibration batches (streamed, constant memory)."""
+class InputObserver:
+    """Statistics of one linear input over all calibration batches, in constant memory: the
+    global min/max, and GPTQ's Hessian H = 2XᵀX/N when a linear reading it needs one."""
 
-    def __init__(self):
+    def __init__(self, hessian: bool):
         self.lo, self.hi = float("inf"), float("-inf")
+        self.wants_hessian = hessian
+        self.hessian: HessianAccumulator | None = None
 
     def update(self, x: torch.Tensor) -> None:
         self.lo = min(self.lo, float(x.min()))
         self.hi = max(self.hi, float(x.max()))
+        if self.wants_hessian:
+            if self.hessian is None:  # the input width is known at the first batch
+                self.hessian = HessianAccumulator(x.shape[-1], x.device)
+            self.hessian.update(x)
 
     def range(self) -> ActRange:
         return ActRange(self.lo, self.hi)
 
+    def H(self) -> torch.Tensor | None:
+        return None if self.hessian is None or self.hessian.N == 0 else self.hessian.H.cpu()
+
 
 @contextmanager
-def observe_inputs(layer: nn.Module, prefix: str, groups: dict[str, str], linears: list[str]):
-    """One observer per distinct input: linears that share an input (q/k/v) share an observer."""
-    observers: dict[str, MinMaxObserver] = {}
+def observe_inputs(layer: nn.Module, prefix: str, groups: dict[str, str], linears: list[str],
+                   hessian: set[str] = frozenset()):
+    """One observer per distinct input: linears that share an input (q/k/v) share an observer,
+    and one Hessian serves all of them."""
+    observers: dict[str, InputObserver] = {}
     handles = []
     for name in linears:
         key = groups.get(name, name)
         if key in observers:
             continue
-        obs = observers[key] = MinMaxObserver()
+        needs_h = any(groups.get(n, n) == key for n in hessian)
+        obs = observers[key] = InputObserver(needs_h)
         sub = layer.get_submodule(name[len(prefix) + 1:] if prefix else name)
         handles.append(sub.register_forward_pre_hook(lambda m, args, obs=obs: obs.update(args[0])))
     try:
@@ -47,6 +61,10 @@ def observe_inputs(layer: nn.Module, prefix: str, groups: dict[str, str], linear
     finally:
         for h in handles:
             h.remove()
+
+
+def needs_hessian(args: dict[str, QuantArgs]) -> set[str]:
+    return {n for n, a in args.items() if a.scheme != "FLOAT" and a.w_method == "gptq"}
 
 
 def static_fake_quant(x: torch.Tensor, s_x: float, o_x: float) -> torch.Tensor:
@@ -64,7 +82,8 @@ def install(layer: nn.Module, sub: str, q: Quantized) -> None:
 
 
 def quantize_linears(layer: nn.Module, prefix: str, args: dict[str, QuantArgs], groups: dict[str, str],
-                     ranges: dict[str, ActRange], dt: torch.dtype) -> dict[str, Quantized]:
+                     observers: dict, dt: torch.dtype) -> dict[str, Quantized]:
+    """Quantize each non-FLOAT linear with its input's statistics, and install Ŵ in the layer."""
     out = {}
     for name, a in args.items():
         if a.scheme == "FLOAT":
@@ -72,8 +91,9 @@ def quantize_linears(layer: nn.Module, prefix: str, args: dict[str, QuantArgs], 
         sub = name[len(prefix) + 1:] if prefix else name
         lin = layer.get_submodule(sub)
         b = None if lin.bias is None else lin.bias.detach().float().cpu()
-        r = ranges.get(groups.get(name, name))
-        q = SCHEMES[a.scheme].quantize(name, lin.weight.detach().float().cpu(), b, a, dt, r)
+        obs = observers.get(groups.get(name, name))
+        r, H = (obs.range(), obs.H()) if obs is not None else (None, None)
+        q = SCHEMES[a.scheme].quantize(name, lin.weight.detach().float().cpu(), b, a, dt, r, H)
         install(layer, sub, q)
         out[name] = q
     return out
@@ -97,11 +117,11 @@ def observe_and_quantize(layer: nn.Module, prefix: str, forward, H: torch.Tensor
                          groups: dict[str, str], dt: torch.dtype, batch: int, device, cdt,
                          out: torch.Tensor | None = None) -> dict[str, Quantized]:
     """Float pass with input observers (its outputs to `out`), then quantize and install Ŵ."""
+    quantizable = [n for n, a in args.items() if a.scheme != "FLOAT"]
     with torch.no_grad():
-        with observe_inputs(layer, prefix, groups, [n for n, a in args.items() if a.scheme != "FLOAT"]) as obs:
+        with observe_inputs(layer, prefix, groups, quantizable, needs_hessian(args)) as obs:
             run_batches(forward, H, batch, device, cdt, out)
-        ranges = {k: o.range() for k, o in obs.items()}
-        return quantize_linears(layer, prefix, args, groups, ranges, dt)
+        return quantize_linears(layer, prefix, args, groups, obs, dt)
 
 
 def process_layer(layer: nn.Module, prefix: str, forward, H: torch.Tensor, args: dict[str, QuantArgs],

@@ -17,7 +17,7 @@ import torch
 
 from . import faults
 from .arch.base import Step
-from .layerquant import observe_inputs, quantize_linears
+from .layerquant import needs_hessian, observe_inputs, quantize_linears
 from .steps import Context, load_float, write_outputs
 
 EXPERT_TAG = ".mlp.experts."
@@ -37,7 +37,7 @@ def _is_expert(name: str) -> bool:
 
 def _run_base(ctx: Context, base, inputs, n_tokens_shape, moe: bool) -> BasePass:
     """One pass of the base over all calibration batches; `inputs(i, j)` gives batch rows i:j."""
-    arch, cdt = ctx.arch, ctx.cdt
+    arch = ctx.arch
     S, L, h = n_tokens_shape
     rotary = ctx.rotary_for(L)
     out = torch.empty(S, L, h)
@@ -71,17 +71,30 @@ def _expert_chunks(ctx: Context, step: Step) -> list[list[int]]:
     return [list(range(a, min(a + chunk, E))) for a in range(0, E, chunk)]
 
 
-def _add_expert(out: torch.Tensor, expert, p: BasePass, e: int, ctx: Context) -> int:
-    """out += w · expert(x) for the tokens routed to e (in token batches); returns their count."""
+def _add_expert(out: torch.Tensor | None, expert, p: BasePass, e: int, ctx: Context) -> int:
+    """out += w · expert(x) for the tokens routed to e (in token batches; out None: just run
+    them, for the observers); returns their count."""
     token, weight = ctx.arch.tokens_for(p.idx, p.w, e)
-    flat = out.view(-1, out.shape[-1])
-    step = ctx.recipe.run.batch_size * out.shape[1]
+    step = ctx.recipe.run.batch_size * ctx.ids.shape[1]  # tokens per batch, as in the base pass
     with torch.no_grad():
         for a in range(0, token.numel(), step):
             t, wt = token[a:a + step], weight[a:a + step]
             y = expert(p.x[t].to(ctx.device, ctx.cdt)).float().cpu()
-            flat.index_add_(0, t, y * wt[:, None])
+            if out is not None:
+                out.view(-1, out.shape[-1]).index_add_(0, t, y * wt[:, None])
     return int(token.numel())
+
+
+def _quantize_expert(ctx: Context, step: Step, expert, prefix: str, Q: BasePass, e: int) -> dict:
+    """Routed experts are never static, so only GPTQ needs their inputs: the tokens the
+    quantized model routes to this expert, run through it once more with observers."""
+    args = {n: a for n, a in ctx.plan.args.items() if n.startswith(prefix + ".")}
+    hessian = needs_hessian(args)
+    quantizable = [n for n, a in args.items() if a.scheme != "FLOAT"]
+    with observe_inputs(expert, prefix, step.groups, quantizable if hessian else [], hessian) as obs:
+        if hessian:
+            _add_expert(None, expert, Q, e, ctx)
+    return quantize_linears(expert, prefix, args, step.groups, obs, ctx.plan.model_dtype)
 
 
 def _experts_phase(ctx: Context, step: Step, F: BasePass, Q: BasePass) -> dict:
@@ -96,10 +109,7 @@ def _experts_phase(ctx: Context, step: Step, F: BasePass, Q: BasePass) -> dict:
             expert = ctx.arch.build_expert(i, e, raw, ctx.device, ctx.cdt)
             if _add_expert(F.out, expert, F, e, ctx) == 0:
                 unrouted.append(e)
-            args = {n: a for n, a in ctx.plan.args.items() if n.startswith(prefix + ".")}
-            # Routed experts are never static, so their quantization needs no input statistics.
-            q = quantize_linears(expert, prefix, args, {}, {}, ctx.plan.model_dtype)
-            quantized.update(q)
+            quantized.update(_quantize_expert(ctx, step, expert, prefix, Q, e))
             _add_expert(Q.out, expert, Q, e, ctx)
         write_outputs(ctx, step, raw, quantized, names)
         faults.point("expert-chunk-written")
@@ -117,10 +127,9 @@ def _base_phase(ctx: Context, step: Step, make_inputs, shape) -> tuple[BasePass,
     args = {n: a for n, a in ctx.plan.args.items() if n in step.linears and not _is_expert(n)
             and n in _submodules(base, prefix)}
     quantizable = [n for n, a in args.items() if a.scheme != "FLOAT"]
-    with observe_inputs(base, prefix, step.groups, quantizable) as obs:
+    with observe_inputs(base, prefix, step.groups, quantizable, needs_hessian(args)) as obs:
         F = _run_base(ctx, base, inputs, shape, moe)
-    ranges = {k: o.range() for k, o in obs.items()}
-    quantized = quantize_linears(base, prefix, args, step.groups, ranges, ctx.plan.model_dtype)
+    quantized = quantize_linears(base, prefix, args, step.groups, obs, ctx.plan.model_dtype)
     Q = _run_base(ctx, base, inputs, shape, moe) if quantized else BasePass(F.out.clone(), F.x, F.idx, F.w)
     head = _mtp_head(ctx, step, raw)
     write_outputs(ctx, step, raw, {**quantized, **head}, names)

@@ -23,8 +23,7 @@ from .errors import StreamqError
 # not implemented is an error at load time, never a silent fallback.
 KNOWN_SCHEMES = ("FLOAT", "W8A8", "W8A8_DYNAMIC", "W8A8_MIX", "W8A16", "W4A16", "W4A8_DYNAMIC", "W8A8S")
 UNIMPLEMENTED_SCHEMES = ("W8A8S",)
-W_METHODS = ("minmax",)
-UNIMPLEMENTED_W_METHODS = ("gptq", "hqq", "ssz")
+W_METHODS = ("minmax", "gptq", "hqq", "ssz")
 
 # msModelSlim's (w_bit, a_bit, is_dynamic) words → scheme, for users who write QuantConfig terms.
 MSMODELSLIM_SCHEMES = {
@@ -49,7 +48,6 @@ NEUTRAL_OPTIONS = {
     "anti_method": "",
     "disable_level": "",
     "nonuniform": False,
-    "percdamp": 0.01,
     "sigma_factor": 3.0,
     "open_outlier": True,
     "fraction": 0.01,
@@ -63,6 +61,8 @@ class QuantArgs:
     group_size: int = 0          # 0 = per channel
     w_method: str = "minmax"
     w_sym: bool = True
+    percdamp: float = 0.01       # GPTQ damping, relative to mean(diag H)
+    act_order: bool = False      # GPTQ: columns by decreasing diag(H), static group mapping
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ TABLE_KEYS = {
     "calibration": {"source", "text_field", "samples", "seq_len", "seed"},
     "run": {"device", "batch_size", "compute_dtype", "propagate", "expert_budget_gb"},
 }
-ARG_KEYS = {"scheme", "group_size", "w_method", "w_sym", "w_bit", "a_bit", "is_dynamic"}
+ARG_KEYS = {"scheme", "group_size", "w_method", "w_sym", "w_bit", "a_bit", "is_dynamic", "percdamp", "act_order"}
 QUANT_KEYS = ARG_KEYS | {"rules", "disable_names", "disable_last_linear"} | set(NEUTRAL_OPTIONS)
 RULE_KEYS = ARG_KEYS | {"match"}
 
@@ -192,11 +192,8 @@ def _parse_args(table: dict, base: QuantArgs, where: str, path: Path) -> QuantAr
         raise StreamqError(f"{path}: scheme {scheme} in {where}scheme is not implemented in this version",
                            "choose W8A8, W8A8_DYNAMIC, W8A8_MIX, W8A16, W4A16 or W4A8_DYNAMIC")
     w_method = _typed(table.get("w_method", base.w_method), str, where + "w_method", path).lower()
-    if w_method in UNIMPLEMENTED_W_METHODS:
-        raise StreamqError(f"{path}: w_method '{w_method}' in {where} is not implemented in this version",
-                           "use w_method = \"MinMax\"")
     if w_method not in W_METHODS:
-        raise StreamqError(f"{path}: unknown w_method '{w_method}' in {where}", "use \"MinMax\"")
+        raise StreamqError(f"{path}: unknown w_method '{w_method}' in {where}", "use MinMax, GPTQ, HQQ or ssz")
     group_size = _typed(table.get("group_size", base.group_size), int, where + "group_size", path)
     if group_size < 0:
         raise StreamqError(f"{path}: {where}group_size must be >= 0 (0 = per channel)", "fix the value")
@@ -205,7 +202,12 @@ def _parse_args(table: dict, base: QuantArgs, where: str, path: Path) -> QuantAr
         # Consumers ignore weight offsets for every other scheme (FORMAT.md §3).
         raise StreamqError(f"{path}: w_sym = false in {where} applies only to W4A16; {scheme} weights are symmetric",
                            "remove w_sym or set it to true for this scheme")
-    return QuantArgs(scheme=scheme, group_size=group_size, w_method=w_method, w_sym=w_sym)
+    percdamp = _typed(table.get("percdamp", base.percdamp), float, where + "percdamp", path)
+    if not 0 < percdamp < 1:
+        raise StreamqError(f"{path}: {where}percdamp must be in (0, 1), got {percdamp}", "0.01 is the usual value")
+    act_order = _typed(table.get("act_order", base.act_order), bool, where + "act_order", path)
+    return QuantArgs(scheme=scheme, group_size=group_size, w_method=w_method, w_sym=w_sym, percdamp=percdamp,
+                     act_order=act_order)
 
 
 def _check_neutral(quant: dict, path: Path) -> None:

@@ -6,15 +6,16 @@ with the scales rounded to the dtype it stores them in, because that is what the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import StreamqError
-from ..kernels.affine import (absmax_scale, dequantize_groups, minmax_asym_groups, quantize_groups,
-                              quantize_sym)
+from ..kernels.affine import absmax_scale, dequantize_groups, quantize_sym
 from ..kernels.pack import pack_int4
 from ..recipe import QuantArgs
+from .methods import choose
 
 Spec = tuple[str, torch.dtype, tuple[int, ...]]  # (suffix, dtype, shape)
 
@@ -33,6 +34,7 @@ class Quantized:
     act: str                             # "none" | "per_token" | "per_tensor"
     s_x: float = 0.0                     # per-tensor activation scale/offset (static schemes)
     o_x: float = 0.0
+    info: dict = field(default_factory=dict)  # weight-method notes (GPTQ damping, fallbacks)
 
 
 def _rounded(x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
@@ -46,9 +48,10 @@ def _deq_scale_tensor(deq: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     return deq.float()
 
 
-def _per_channel_int8(W: torch.Tensor, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    s_w = _rounded(absmax_scale(W, 127), dt)
-    return quantize_sym(W, s_w, -127, 127), s_w
+def _per_channel_int8(name, W: torch.Tensor, dt: torch.dtype, args: QuantArgs, H) -> tuple:
+    """Symmetric int8 per channel, with the scale rounded to the model dtype before rounding q."""
+    q, s_w, _, info = choose(W, W.shape[1], -127, 127, True, args, H, lambda s: _rounded(s, dt), name)
+    return q, s_w, info
 
 
 def _scale_bias(W_hat: torch.Tensor, name: str) -> torch.Tensor:
@@ -70,7 +73,7 @@ class Scheme:
         raise NotImplementedError
 
     def quantize(self, name: str, W: torch.Tensor, b, args: QuantArgs, dt: torch.dtype,
-                 act_range: ActRange | None) -> Quantized:
+                 act_range: ActRange | None, H: torch.Tensor | None = None) -> Quantized:
         raise NotImplementedError
 
 
@@ -97,10 +100,10 @@ class W8A8Dynamic(Scheme):
     def specs(self, name, n, k, args, dt):
         return [("weight", torch.int8, (n, k)), ("weight_scale", dt, (n, 1)), ("weight_offset", dt, (n, 1))]
 
-    def quantize(self, name, W, b, args, dt, act_range):
-        q, s_w = _per_channel_int8(W, dt)
+    def quantize(self, name, W, b, args, dt, act_range, H=None):
+        q, s_w, info = _per_channel_int8(name, W, dt, args, H)
         tensors = {"weight": q, "weight_scale": s_w.to(dt), "weight_offset": torch.zeros_like(s_w).to(dt)}
-        return Quantized(tensors, q.float() * s_w, self.act)
+        return Quantized(tensors, q.float() * s_w, self.act, info=info)
 
 
 class W8A16(W8A8Dynamic):
@@ -122,16 +125,11 @@ class W4A16(Scheme):
         return [("weight", torch.int8, (n // 2, k)), ("weight_scale", torch.float32, (n, g)),
                 ("weight_offset", torch.float32, (n, g))]
 
-    def quantize(self, name, W, b, args, dt, act_range):
+    def quantize(self, name, W, b, args, dt, act_range, H=None):
         G = _group(args, k=W.shape[1])
-        if args.w_sym:
-            s = absmax_scale(W.reshape(-1, G), 7).reshape(W.shape[0], -1)
-            z = torch.zeros_like(s)
-        else:
-            s, z = minmax_asym_groups(W, G, -8, 7)
-        q = quantize_groups(W, s, z, G, -8, 7)
+        q, s, z, info = choose(W, G, -8, 7, args.w_sym, args, H, name=name)
         tensors = {"weight": pack_int4(q), "weight_scale": s, "weight_offset": z}
-        return Quantized(tensors, dequantize_groups(q, s, z, G), self.act)
+        return Quantized(tensors, dequantize_groups(q, s, z, G), self.act, info=info)
 
 
 class W8A8Static(Scheme):
@@ -146,11 +144,11 @@ class W8A8Static(Scheme):
                 ("input_scale", dt, (1,)), ("input_offset", dt, (1,)), ("deq_scale", deq_dt, (n,)),
                 ("quant_bias", torch.int32, (n,))]
 
-    def quantize(self, name, W, b, args, dt, act_range):
+    def quantize(self, name, W, b, args, dt, act_range, H=None):
         if act_range is None:
             raise StreamqError(f"{name}: {self.name} needs calibration statistics of its input",
                                "this is a bug: the layer's observer did not run")
-        q, s_w = _per_channel_int8(W, dt)
+        q, s_w, info = _per_channel_int8(name, W, dt, args, H)
         lo, hi = min(act_range.lo, 0.0), max(act_range.hi, 0.0)
         s_x = _rounded(torch.tensor([max(hi - lo, 1e-8) / 255]), dt)
         o_x = _rounded(torch.round(-lo / s_x) - 128, dt)
@@ -160,7 +158,7 @@ class W8A8Static(Scheme):
         tensors = {"weight": q, "weight_scale": s_w.to(dt), "weight_offset": torch.zeros_like(s_w).to(dt),
                    "input_scale": s_x.to(dt), "input_offset": o_x.to(dt),
                    "deq_scale": _deq_scale_tensor(deq, dt), "quant_bias": quant_bias}
-        return Quantized(tensors, q.float() * s_w, self.act, float(s_x), float(o_x))
+        return Quantized(tensors, q.float() * s_w, self.act, float(s_x), float(o_x), info)
 
 
 class W8A8Mix(W8A8Static):
@@ -192,26 +190,33 @@ class W4A8TwoLevel(Scheme):
             out += [("weight_scale_second", torch.float32, (n, g)), ("weight_offset_second", torch.int64, (n, g))]
         return out + [("scale_bias", torch.float32, sb)]
 
-    def quantize(self, name, W, b, args, dt, act_range):
+    def quantize(self, name, W, b, args, dt, act_range, H=None):
         n, k = W.shape
         if args.group_size:
-            s1 = absmax_scale(W, 119)
-            w8 = quantize_sym(W, s1, -119, 119).float()
-            G = args.group_size
-            s2 = torch.clamp(torch.round(w8.reshape(n, k // G, G).abs().amax(dim=2) / 7), min=1)
-            q4 = torch.clamp(torch.round(w8.reshape(n, k // G, G) / s2.unsqueeze(2)), -7, 7).reshape(n, k)
-            W_hat = (q4.reshape(n, k // G, G) * _rounded(s2, torch.bfloat16).unsqueeze(2)).reshape(n, k) \
-                * _rounded(s1, torch.bfloat16)
-            tensors = {"weight": pack_int4(q4.to(torch.int8)), "weight_scale": s1,
-                       "weight_offset": torch.zeros_like(s1), "weight_scale_second": s2,
-                       "weight_offset_second": torch.zeros_like(s2, dtype=torch.int64)}
+            tensors, W_hat, info = self._two_level(name, W, args, H)
         else:
-            s = absmax_scale(W, 7)
-            q4 = quantize_sym(W, s, -8, 7)
+            q4, s, _, info = choose(W, k, -8, 7, True, args, H, name=name)
             W_hat = q4.float() * _rounded(s, torch.bfloat16)
             tensors = {"weight": pack_int4(q4), "weight_scale": s, "weight_offset": torch.zeros_like(s)}
         tensors["scale_bias"] = _scale_bias(W_hat, name)
-        return Quantized(tensors, W_hat, self.act)
+        return Quantized(tensors, W_hat, self.act, info=info)
+
+    def _two_level(self, name, W, args, H):
+        """Stage 1: int8 per channel (±119) by round-to-nearest; stage 2: int4 per group with an
+        integer scale, chosen by the weight method on the int8 grid (H is unchanged by the
+        per-row scale s1, so GPTQ's Hessian applies as is)."""
+        n, k = W.shape
+        G = args.group_size
+        s1 = absmax_scale(W, 119)
+        w8 = quantize_sym(W, s1, -119, 119).float()
+        s2 = torch.clamp(torch.round(w8.reshape(n, k // G, G).abs().amax(dim=2) / 7), min=1)
+        stage2 = dataclasses.replace(args, w_method="gptq" if args.w_method == "gptq" else "minmax")
+        q4, _, _, info = choose(w8, G, -7, 7, True, stage2, H, lambda _: s2, name)
+        W_hat = (q4.float().reshape(n, k // G, G) * _rounded(s2, torch.bfloat16).unsqueeze(2)).reshape(n, k) \
+            * _rounded(s1, torch.bfloat16)
+        tensors = {"weight": pack_int4(q4), "weight_scale": s1, "weight_offset": torch.zeros_like(s1),
+                   "weight_scale_second": s2, "weight_offset_second": torch.zeros_like(s2, dtype=torch.int64)}
+        return tensors, W_hat, info
 
 
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (W8A8Dynamic(), W8A16(), W4A16(), W8A8Static(), W8A8Mix(),
