@@ -25,6 +25,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -482,8 +483,9 @@ def run_row(name: str, sizes: Sizes) -> Row:
         row.add("error", "–", str(exc).replace("\n", " ").replace("|", "/")[:400])
     for what, value, note in row.measurements:
         print(f"  {what}: {value}  ({note})" if note else f"  {what}: {value}", flush=True)
+    print("  reproduce:", flush=True)
     for command in row.commands:
-        print(f"  reproduce: {command}", flush=True)
+        print(textwrap.indent(command, "    "), flush=True)
     print(f"  [{name} took {time.perf_counter() - t0:.0f} s]", flush=True)
     return row
 

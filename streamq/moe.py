@@ -18,7 +18,7 @@ import torch
 from . import faults
 from .arch.base import Step
 from .layerquant import needs_hessian, observe_inputs, quantize_linears
-from .steps import Context, load_float, write_outputs
+from .steps import Context, load_float, prefetch_float, write_outputs
 
 EXPERT_TAG = ".mlp.experts."
 
@@ -100,8 +100,13 @@ def _quantize_expert(ctx: Context, step: Step, expert, prefix: str, Q: BasePass,
 def _experts_phase(ctx: Context, step: Step, F: BasePass, Q: BasePass) -> dict:
     i = step.index
     unrouted = []
-    for chunk in _expert_chunks(ctx, step):
-        names = [n for e in chunk for n in step.shapes if n.startswith(ctx.arch.expert_prefix(i, e) + ".")]
+    chunks = _expert_chunks(ctx, step)
+    names_of = [[n for e in chunk for n in step.shapes if n.startswith(ctx.arch.expert_prefix(i, e) + ".")]
+                for chunk in chunks]
+    for c, chunk in enumerate(chunks):
+        names = names_of[c]
+        if c + 1 < len(chunks):
+            prefetch_float(ctx, step, names_of[c + 1])
         raw = load_float(ctx, step, names)
         quantized = {}
         for e in chunk:
@@ -116,9 +121,14 @@ def _experts_phase(ctx: Context, step: Step, F: BasePass, Q: BasePass) -> dict:
     return {"experts_without_tokens": unrouted}
 
 
+def base_names(step: Step) -> list[str]:
+    """The tensors of a layer other than its routed experts (all of them for a dense layer)."""
+    return [n for n in step.shapes if not _is_expert(n)]
+
+
 def _base_phase(ctx: Context, step: Step, make_inputs, shape) -> tuple[BasePass, BasePass]:
     """`make_inputs(base)` returns `inputs(i, j)`: the base's input for calibration rows i:j."""
-    names = [n for n in step.shapes if not _is_expert(n)]
+    names = base_names(step)
     raw = load_float(ctx, step, names)
     base = ctx.arch.build_base(step, raw, ctx.device, ctx.cdt)
     inputs = make_inputs(base)

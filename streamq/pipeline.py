@@ -31,8 +31,9 @@ from .report import finalize_outputs, small_files
 from .shards import ShardWriter
 from .arch.deepseek_v3 import DeepseekArch
 from .arch.llama import DenseArch
-from .moe import MOE_STEP_FNS
-from .steps import STEP_FNS, Context
+from .moe import MOE_STEP_FNS, base_names
+from .prefetch import Prefetcher
+from .steps import STEP_FNS, Context, prefetch_float
 
 log = logging.getLogger("streamq")
 CDTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -79,7 +80,8 @@ def run(recipe: Recipe, model_dir: Path, out_dir: Path, device_name: str, restar
     records = [r for r in journal.records() if r.get("kind") == "step"]
     writer = ShardWriter(folder.work, plan.shard_names(), plan.shards)
     device = dev.resolve(device_name)
-    ctx = Context(recipe, reader, arch, plan, writer, device, CDTYPES[recipe.run.compute_dtype], ids)
+    ctx = Context(recipe, reader, arch, plan, writer, device, CDTYPES[recipe.run.compute_dtype], ids,
+                  Prefetcher(recipe.run.read_ahead))
     H = None
     if records:
         writer.resume(records[-1]["position"])
@@ -90,11 +92,14 @@ def run(recipe: Recipe, model_dir: Path, out_dir: Path, device_name: str, restar
     try:
         with tqdm(total=len(steps), initial=done, desc="streamq", unit="step") as bar:
             for k in range(done, len(steps)):
+                if k + 1 < len(steps):
+                    prefetch_float(ctx, steps[k + 1], base_names(steps[k + 1]))
                 H, stats = _run_step(ctx, steps[k], H)
                 records.append(_commit(ctx, journal, store, k, steps[k], H, stats))
                 _log_step(bar, steps[k], stats)
                 bar.update(1)
     finally:
+        ctx.prefetch.close()
         writer.close()
     finalize_outputs(folder, plan, reader, config, records, state, plan.config_extra(recipe))
     shutil.rmtree(folder.work, ignore_errors=True)

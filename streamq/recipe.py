@@ -23,6 +23,7 @@ from .errors import StreamqError
 # not implemented is an error at load time, never a silent fallback.
 KNOWN_SCHEMES = ("FLOAT", "W8A8", "W8A8_DYNAMIC", "W8A8_MIX", "W8A16", "W4A16", "W4A8_DYNAMIC", "W8A8S")
 UNIMPLEMENTED_SCHEMES = ("W8A8S",)
+GROUPED_SCHEMES = ("W4A16", "W4A8_DYNAMIC")  # the schemes group_size applies to
 W_METHODS = ("minmax", "gptq", "hqq", "ssz")
 
 # msModelSlim's (w_bit, a_bit, is_dynamic) words → scheme, for users who write QuantConfig terms.
@@ -97,6 +98,7 @@ class Run:
     compute_dtype: str = "float32"
     propagate: str = "quantized"  # next layer sees the quantized ("quantized") or float output
     expert_budget_gb: float = 8.0  # device memory for one chunk of routed experts' weights
+    read_ahead: bool = True        # read the next layer / expert chunk while this one computes
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,7 @@ TABLE_KEYS = {
     "model": {"path", "mtp"},
     "output": {"path", "shard_size_gb", "config"},
     "calibration": {"source", "text_field", "samples", "seq_len", "seed"},
-    "run": {"device", "batch_size", "compute_dtype", "propagate", "expert_budget_gb"},
+    "run": {"device", "batch_size", "compute_dtype", "propagate", "expert_budget_gb", "read_ahead"},
 }
 ARG_KEYS = {"scheme", "group_size", "w_method", "w_sym", "w_bit", "a_bit", "is_dynamic", "percdamp", "act_order"}
 QUANT_KEYS = ARG_KEYS | {"rules", "disable_names", "disable_last_linear"} | set(NEUTRAL_OPTIONS)
@@ -194,10 +196,12 @@ def _parse_args(table: dict, base: QuantArgs, where: str, path: Path) -> QuantAr
     w_method = _typed(table.get("w_method", base.w_method), str, where + "w_method", path).lower()
     if w_method not in W_METHODS:
         raise StreamqError(f"{path}: unknown w_method '{w_method}' in {where}", "use MinMax, GPTQ, HQQ or ssz")
-    group_size = _typed(table.get("group_size", base.group_size), int, where + "group_size", path)
+    # A rule inherits the default's keys, except those that do not apply to its own scheme.
+    inherited_group = base.group_size if scheme in GROUPED_SCHEMES else 0
+    group_size = _typed(table.get("group_size", inherited_group), int, where + "group_size", path)
     if group_size < 0:
         raise StreamqError(f"{path}: {where}group_size must be >= 0 (0 = per channel)", "fix the value")
-    w_sym = _typed(table.get("w_sym", base.w_sym), bool, where + "w_sym", path)
+    w_sym = _typed(table.get("w_sym", base.w_sym if scheme == "W4A16" else True), bool, where + "w_sym", path)
     if not w_sym and scheme not in ("W4A16", "FLOAT"):
         # Consumers ignore weight offsets for every other scheme (FORMAT.md §3).
         raise StreamqError(f"{path}: w_sym = false in {where} applies only to W4A16; {scheme} weights are symmetric",
@@ -258,6 +262,7 @@ def parse_recipe(text: str, path: Path) -> Recipe:
         compute_dtype=_typed(run.get("compute_dtype", "float32"), str, "run.compute_dtype", path),
         propagate=_typed(run.get("propagate", "quantized"), str, "run.propagate", path),
         expert_budget_gb=_typed(run.get("expert_budget_gb", 8.0), float, "run.expert_budget_gb", path),
+        read_ahead=_typed(run.get("read_ahead", True), bool, "run.read_ahead", path),
     )
     _check_choice(runopts.compute_dtype, ("float32", "bfloat16", "float16"), "run.compute_dtype", path)
     _check_choice(runopts.propagate, ("quantized", "float"), "run.propagate", path)

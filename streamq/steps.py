@@ -15,6 +15,7 @@ from .checkpoint import CheckpointReader
 from .errors import StreamqError
 from .layerquant import observe_and_quantize, process_layer
 from .plan import Plan
+from .prefetch import Prefetcher
 from .recipe import Recipe
 from .shards import ShardWriter
 
@@ -29,6 +30,7 @@ class Context:
     device: torch.device
     cdt: torch.dtype
     ids: torch.Tensor
+    prefetch: Prefetcher = field(default_factory=lambda: Prefetcher(False))
     rotaries: dict = field(default_factory=dict)
 
     def rotary_for(self, seq_len: int):
@@ -39,9 +41,19 @@ class Context:
 
 
 def load_float(ctx: Context, step: Step, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Source tensors of the step (all, or `names`) as stored, FP8 dequantized, checked finite."""
-    r = ctx.reader
+    """Source tensors of the step (all, or `names`) as stored, FP8 dequantized, checked finite;
+    taken from the read-ahead when it already loaded them."""
     names = list(step.shapes) if names is None else names
+    return ctx.prefetch.take((step.key, tuple(names)), lambda: read_float(ctx, names))
+
+
+def prefetch_float(ctx: Context, step: Step, names: list[str]) -> None:
+    """Start reading what a later `load_float(ctx, step, names)` will ask for."""
+    ctx.prefetch.submit((step.key, tuple(names)), lambda: read_float(ctx, names))
+
+
+def read_float(ctx: Context, names: list[str]) -> dict[str, torch.Tensor]:
+    r = ctx.reader
     tensors = r.load([n for n in names if not r.is_fp8(n)])
     for n in names:
         if r.is_fp8(n):

@@ -1,0 +1,284 @@
+"""Anti-outlier smoothing: exactness on real decoder layers, the scale formulas, and the m6 search."""
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+from streamq.arch.llama import FAMILIES
+from streamq.smooth import (
+    ChannelObserver, ChannelStats, apply_linear_linear, apply_norm_linears, asym_shift, fake_quant_int8_sym,
+    flex_smooth_search, gqa_group_scale, iter_smooth_scale, matmul_quant_error, smooth_dense_layer,
+    smoothquant_scale,
+)
+
+HIDDEN, INTER, HEADS, HEAD_DIM, SEQ = 64, 128, 4, 16, 12
+CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+# linear → key of its input statistics (as arch.llama.INPUT_GROUPS)
+INPUTS = {"self_attn.q_proj": "attn_in", "self_attn.o_proj": "o_in", "mlp.gate_proj": "mlp_in", "mlp.down_proj": "down_in"}
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def make_layer(family, kv_heads, seed=0):
+    config = CONFIGS[family](hidden_size=HIDDEN, intermediate_size=INTER, num_attention_heads=HEADS,
+                             num_key_value_heads=kv_heads, head_dim=HEAD_DIM, num_hidden_layers=1, vocab_size=32)
+    config._attn_implementation = "sdpa"
+    layer_cls, rotary_cls, _ = FAMILIES[family]
+    torch.manual_seed(seed)
+    layer = layer_cls(config, 0).eval()
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name.endswith("norm.weight"):      # non-trivial norm weights, so the fold is visible
+                p.copy_(1 + 0.5 * torch.rand(p.shape, generator=gen(hash(name) % 1000)))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen(hash(name) % 1000)))
+    pos = torch.arange(SEQ)[None]
+    rotary = rotary_cls(config)(torch.empty(1, SEQ, 1), pos)
+    return layer, rotary
+
+
+def hidden_with_outliers(seed=1, batch=2):
+    h = torch.randn(batch, SEQ, HIDDEN, generator=gen(seed))
+    h[..., [3, 17, 40]] = h[..., [3, 17, 40]] * 40 + 5        # large, off-centre channels
+    return h
+
+
+def forward(layer, h, rotary):
+    out = layer(h, attention_mask=None, position_embeddings=rotary)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def calibrate(layer, h, rotary):
+    obs = {key: ChannelObserver() for key in INPUTS.values()}
+    hooks = [layer.get_submodule(name).register_forward_pre_hook(lambda m, a, o=obs[key]: o.update(a[0]))
+             for name, key in INPUTS.items()]
+    ref = forward(layer, h, rotary)
+    for hk in hooks:
+        hk.remove()
+    return ref, {key: o.stats() for key, o in obs.items()}
+
+
+def attach_norm_biases(layer, biases):
+    """The consumer's RMSNorm-with-bias: y = RMSNorm(x)·w + b."""
+    return [getattr(layer, name).register_forward_hook(lambda m, a, y, b=b: y + b.to(y.dtype))
+            for name, b in biases.items()]
+
+
+def assert_same(got, ref):
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+CASES = [("llama", HEADS), ("llama", 2), ("qwen2", 2), ("qwen3", 1)]   # MHA, GQA, GQA + biases, MQA + q/k norms
+
+
+# ---- 1. exactness on decoder layers ------------------------------------------------------------
+
+@pytest.mark.parametrize("family,kv_heads", CASES)
+def test_m1_layer_output_unchanged(family, kv_heads):
+    layer, rotary = make_layer(family, kv_heads)
+    h = hidden_with_outliers()
+    ref, stats = calibrate(layer, h, rotary)
+    before = {n: p.clone() for n, p in layer.named_parameters()}
+    assert smooth_dense_layer(layer, stats, "m1") == {}
+    # every smoothed tensor really changed, so the check below is not vacuous
+    for name in ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.v_proj.weight",
+                 "self_attn.o_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"):
+        assert not torch.allclose(before[name], dict(layer.named_parameters())[name])
+    with torch.no_grad():
+        assert_same(forward(layer, h, rotary), ref)
+
+
+@pytest.mark.parametrize("family,kv_heads", CASES)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_m4_layer_output_unchanged(family, kv_heads, symmetric):
+    layer, rotary = make_layer(family, kv_heads)
+    h = hidden_with_outliers()
+    ref, stats = calibrate(layer, h, rotary)
+    had_bias = layer.self_attn.q_proj.bias is not None
+    biases = smooth_dense_layer(layer, stats, "m4", symmetric=symmetric)
+    if symmetric:
+        assert biases == {}
+    else:
+        assert set(biases) == {"input_layernorm", "post_attention_layernorm"}
+        for b in biases.values():
+            assert b.dtype == torch.float32 and b.shape == (HIDDEN,)
+        # the compensating term needs a bias on every shifted linear, created where there was none
+        for name in ("q_proj", "k_proj", "v_proj"):
+            assert getattr(layer.self_attn, name).bias is not None
+        assert layer.mlp.gate_proj.bias is not None and layer.mlp.up_proj.bias is not None
+        assert had_bias == (family == "qwen2")
+    hooks = attach_norm_biases(layer, biases)
+    with torch.no_grad():
+        assert_same(forward(layer, h, rotary), ref)
+    for hk in hooks:
+        hk.remove()
+
+
+def test_asymmetric_norm_output_is_centred_and_scaled():
+    """After the shifted fold, the norm emits (x − δ)/s: every channel's range is centred on 0."""
+    layer, rotary = make_layer("llama", 2)
+    h = hidden_with_outliers()
+    _, stats = calibrate(layer, h, rotary)
+    s = iter_smooth_scale(stats["attn_in"], [layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
+                                             layer.self_attn.v_proj.weight], symmetric=False)
+    with torch.no_grad():
+        x = layer.input_layernorm(h)
+        b = apply_norm_linears(layer.input_layernorm.weight,
+                               [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
+                               s, asym_shift(stats["attn_in"]))
+        x2 = layer.input_layernorm(h) + b
+    torch.testing.assert_close(x2, (x - asym_shift(stats["attn_in"])) / s, rtol=1e-5, atol=1e-6)
+    obs = ChannelObserver()
+    obs.update(x2)
+    torch.testing.assert_close(obs.stats().max, -obs.stats().min, rtol=1e-4, atol=1e-5)
+
+
+def test_gqa_fold_is_exact_for_any_scale():
+    """v→o with 4 query heads over 2 kv heads: an arbitrary s over o's inputs is reduced per kv
+    group (max), folded into v's rows, and the attention output does not change."""
+    layer, rotary = make_layer("qwen2", 2)
+    h = hidden_with_outliers()
+    with torch.no_grad():
+        ref = forward(layer, h, rotary)
+        s = torch.rand(HEADS * HEAD_DIM, generator=gen(5)) * 10 + 0.1
+        v0 = layer.self_attn.v_proj.weight.clone()
+        s_o = apply_linear_linear(layer.self_attn.v_proj, layer.self_attn.o_proj, s, heads=(HEADS, 2))
+        assert_same(forward(layer, h, rotary), ref)
+    s_v, s_o2 = gqa_group_scale(s, HEADS, 2)
+    assert torch.equal(s_o, s_o2)
+    expect_v = torch.stack([s[:32].reshape(2, 16).amax(0), s[32:].reshape(2, 16).amax(0)]).reshape(-1)
+    assert torch.equal(s_v, expect_v)
+    assert torch.equal(s_o, torch.cat([expect_v[:16], expect_v[:16], expect_v[16:], expect_v[16:]]))
+    torch.testing.assert_close(layer.self_attn.v_proj.weight, v0 / s_v[:, None])
+    with pytest.raises(ValueError):
+        apply_linear_linear(layer.self_attn.v_proj, layer.self_attn.o_proj, s)   # GQA needs heads
+
+
+def test_linear_linear_scales_prev_bias():
+    prev, nxt = nn.Linear(8, 6), nn.Linear(6, 5)
+    x = torch.randn(10, 8, generator=gen(2))
+    with torch.no_grad():
+        ref = nxt(prev(x))
+        apply_linear_linear(prev, nxt, torch.rand(6, generator=gen(3)) + 0.2)
+        torch.testing.assert_close(nxt(prev(x)), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_norm_bias_existing_is_rescaled_and_bf16_weights():
+    """A norm that already has a bias keeps its output relation; bf16 linears get a bf16 bias."""
+    w, b0 = torch.rand(8, generator=gen(4)) + 0.5, torch.randn(8, generator=gen(5))
+    lin = nn.Linear(8, 4, bias=False).to(torch.bfloat16)
+    s, shift = torch.rand(8, generator=gen(6)) + 0.5, torch.randn(8, generator=gen(7))
+    W0, w0 = lin.weight.float().clone(), w.clone()
+    b = apply_norm_linears(w, [lin], s, shift, norm_bias=b0)
+    torch.testing.assert_close(w, w0 / s)
+    torch.testing.assert_close(b, (b0 - shift) / s)
+    assert lin.bias.dtype == torch.bfloat16
+    torch.testing.assert_close(lin.bias.float(), (W0 @ shift).bfloat16().float())
+    assert apply_norm_linears(w, [lin], torch.ones(8)) is None
+
+
+# ---- 2. the formulas -----------------------------------------------------------------------------
+
+def test_observer_streams_to_the_global_statistics():
+    x = torch.randn(5, 7, 16, generator=gen(8)) * torch.linspace(0.1, 30, 16) + torch.linspace(-3, 3, 16)
+    obs = ChannelObserver()
+    for chunk in x.split(2):
+        obs.update(chunk)
+    st, flat = obs.stats(), x.reshape(-1, 16)
+    assert torch.equal(st.min, flat.amin(0)) and torch.equal(st.max, flat.amax(0))
+    assert torch.equal(st.absmax, flat.abs().amax(0))
+    torch.testing.assert_close(asym_shift(st), (flat.amax(0) + flat.amin(0)) / 2)
+    # the midpoint centres the data: max|x − δ| equals the half range and is symmetric around 0
+    centred = flat - asym_shift(st)
+    torch.testing.assert_close(centred.amax(0), -centred.amin(0))
+    torch.testing.assert_close(centred.abs().amax(0), (st.max - st.min) / 2)
+
+
+def test_smoothquant_scale_matches_independent_formula():
+    a = torch.rand(12, generator=gen(9)) * 50
+    W1, W2 = torch.randn(5, 12, generator=gen(10)), torch.randn(3, 12, generator=gen(11)) * 3
+    a[0], W1[:, 0], W2[:, 0] = 0, 0, 0          # dead channel → 1
+    a[1] = 0                                    # no activation → clamp
+    for alpha in (0.0, 0.3, 0.5, 0.85, 1.0):
+        s = smoothquant_scale(a, [W1, W2], alpha)
+        for j in range(12):
+            wmax = max(abs(W1[i, j].item()) for i in range(5))
+            wmax = max([wmax] + [abs(W2[i, j].item()) for i in range(3)])
+            if a[j] == 0 and wmax == 0:
+                expect = 1.0
+            else:
+                expect = max(a[j].item() ** alpha / max(wmax, 1e-5) ** (1 - alpha), 1e-5)
+            assert s[j].item() == pytest.approx(expect, rel=1e-5), (alpha, j)
+
+
+def test_iter_smooth_scale_symmetric_asymmetric_and_fixed_point():
+    x = torch.randn(200, 10, generator=gen(12)) * torch.linspace(1, 20, 10) + 7
+    obs = ChannelObserver()
+    obs.update(x)
+    st = obs.stats()
+    W = torch.randn(6, 10, generator=gen(13))
+    wmax = W.abs().amax(0)
+    torch.testing.assert_close(iter_smooth_scale(st, [W]), st.absmax ** 0.9 / wmax ** 0.1)
+    torch.testing.assert_close(iter_smooth_scale(st, [W], 0.5), smoothquant_scale(st.absmax, [W], 0.5))
+    half = (st.max - st.min) / 2
+    torch.testing.assert_close(iter_smooth_scale(st, [W], symmetric=False), half ** 0.9 / wmax ** 0.1)
+    # re-deriving s from the smoothed statistics gives 1: one application is the fixed point
+    for sym in (True, False):
+        s = iter_smooth_scale(st, [W], symmetric=sym)
+        smoothed = ChannelStats(absmax=st.absmax / s, min=st.min / s, max=st.max / s)
+        torch.testing.assert_close(iter_smooth_scale(smoothed, [W * s], symmetric=sym), torch.ones(10))
+
+
+def test_smoothing_reduces_int8_error_with_outlier_channels():
+    X = torch.randn(256, 64, generator=gen(14))
+    X[:, [5, 23, 50]] *= 60                                  # outlier channels
+    W = torch.randn(96, 64, generator=gen(15)) * 0.05
+    s = smoothquant_scale(X.abs().amax(0), [W], 0.5)
+    Xs = X / s
+
+    def rel(t, q):
+        return ((t - q).norm() / t.norm()).item()
+
+    # per-tensor int8 activations: the outliers no longer set the step for every channel
+    plain, smooth = rel(X, fake_quant_int8_sym(X, None)), rel(Xs, fake_quant_int8_sym(Xs, None))
+    assert smooth < 0.5 * plain
+    # and end to end, per-tensor activations with per-channel weights
+    ref = X @ W.T
+    err_plain = rel(ref, fake_quant_int8_sym(X, None) @ fake_quant_int8_sym(W).T)
+    err_smooth = rel(ref, fake_quant_int8_sym(Xs, None) @ fake_quant_int8_sym(W * s).T)
+    assert err_smooth < 0.5 * err_plain
+
+
+# ---- 3. m6 search --------------------------------------------------------------------------------
+
+def test_flex_search_returns_grid_minimum():
+    X = torch.randn(128, 32, generator=gen(16))
+    X[:, [2, 9]] *= 50
+    Ws = [torch.randn(24, 32, generator=gen(17)) * 0.1, torch.randn(8, 32, generator=gen(18))]
+    alphas, betas = (0.0, 0.25, 0.5, 0.75, 1.0), (0.0, 0.3, 0.6, 0.9)
+    got = flex_smooth_search(X, Ws, alphas, betas)
+    # brute force, independently of the search's own loop
+    W = torch.cat(Ws)
+    amax, wmax = X.abs().amax(0), W.abs().amax(0)
+    errs = {(a, b): matmul_quant_error(X, W, (amax ** a / wmax ** b).clamp(min=1e-5)) for a in alphas for b in betas}
+    best = min(errs.values())
+    assert errs[got] == best
+    assert best < errs[(0.0, 0.0)]                      # smoothing beats none on outlier data
+
+
+def test_flex_search_uses_the_given_error_and_whole_grid():
+    X = torch.rand(16, 8, generator=gen(19)) + 0.5
+    W = torch.rand(4, 8, generator=gen(20)) + 0.5
+    calls = []
+
+    def err(Xa, Wa, s):                                  # minimum at α = 0.4, β = 0.7 by construction
+        calls.append(s)
+        expect = X.abs().amax(0) ** 0.4 / W.abs().amax(0) ** 0.7
+        return float((s - expect).abs().sum())
+
+    grid = (0.0, 0.2, 0.4, 0.7, 1.0)
+    assert flex_smooth_search(X, [W], grid, grid, err) == (0.4, 0.7)
+    assert len(calls) == len(grid) ** 2
