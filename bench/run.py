@@ -468,8 +468,9 @@ def markdown(rows: list[Row], sizes: Sizes, argv: list[str]) -> str:
     lines += ["", "## Reproducing a row", ""]
     for row in rows:
         quick = " --quick" if sizes is QUICK else ""
+        by_hand = ["# or by hand:", *row.commands] if row.commands else []
         lines += [f"`{row.name}`:", "", "```sh", f"{PYTHON_SHOWN} bench/run.py --only {row.name}{quick}",
-                  "# or by hand:", *row.commands, "```", ""]
+                  *by_hand, "```", ""]
     return "\n".join(lines)
 
 

@@ -4,6 +4,8 @@ torch_npu is optional: importing streamq never requires it.
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import importlib
 import resource
 
@@ -56,6 +58,40 @@ def empty_cache(device: torch.device) -> None:
     backend = _backend(device)
     if backend is not None:
         backend.empty_cache()
+
+
+_LIBC = None
+M_MMAP_THRESHOLD = -3
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # glibc only
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC
+
+
+def steady_host_memory() -> None:
+    """Serve large blocks (≥ 1 MiB: weights, hidden-state batches) from their own mappings.
+
+    glibc otherwise raises its mmap threshold after the first large free, and layer-sized
+    buffers then fragment the heap, so resident memory creeps up over the first layers.
+    """
+    libc = _libc()
+    if libc:
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+
+
+def release_host_memory() -> None:
+    """Between steps: return the freed heap to the system so peak RSS tracks one layer."""
+    gc.collect()
+    libc = _libc()
+    if libc:
+        libc.malloc_trim(0)
 
 
 def rss_bytes() -> int:

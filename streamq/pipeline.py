@@ -80,6 +80,7 @@ def run(recipe: Recipe, model_dir: Path, out_dir: Path, device_name: str, restar
     records = [r for r in journal.records() if r.get("kind") == "step"]
     writer = ShardWriter(folder.work, plan.shard_names(), plan.shards)
     device = dev.resolve(device_name)
+    dev.steady_host_memory()
     ctx = Context(recipe, reader, arch, plan, writer, device, CDTYPES[recipe.run.compute_dtype], ids,
                   Prefetcher(recipe.run.read_ahead))
     H = None
@@ -111,6 +112,7 @@ def _run_step(ctx: Context, step: Step, H):
     dev.reset_peak(ctx.device)
     H, stats = STEP_TABLES[type(ctx.arch)][step.kind](ctx, step, H)
     dev.empty_cache(ctx.device)
+    dev.release_host_memory()
     return H, {**stats, "seconds": time.perf_counter() - t0, "peak_rss": dev.peak_rss_bytes(),
                "rss": dev.rss_bytes(), "peak_device": dev.peak_bytes(ctx.device)}
 

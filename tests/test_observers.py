@@ -19,7 +19,7 @@ def int8_mse(x: torch.Tensor, lo: float, hi: float) -> float:
     return float(((x.double() - x_hat.double()) ** 2).mean())
 
 
-def brute_force_mse(x: torch.Tensor, points: int = 101) -> float:
+def brute_force_mse(x: torch.Tensor, points: int = 81) -> float:
     """The least measured MSE over a grid of ranges [lo, 0] × [0, hi] spanning the data."""
     x = x.double()
     lo, hi = torch.meshgrid(torch.linspace(float(x.min()), 0, points, dtype=torch.float64),
@@ -32,6 +32,12 @@ def brute_force_mse(x: torch.Tensor, points: int = 101) -> float:
         x_hat = (torch.clamp(torch.round(x[None, :] / s + o), -128, 127) - o) * s
         best = min(best, float(((x[None, :] - x_hat) ** 2).mean(dim=1).min()))
     return best
+
+
+def student_t3(n, g):
+    """Student's t with 3 degrees of freedom: a normal over the root of a scaled chi-square."""
+    z = torch.randn(4, n, generator=g, dtype=torch.float64)
+    return z[0] / (z[1:].square().sum(0) / 3).sqrt()
 
 
 def growing_batches(seed=0):
@@ -68,17 +74,17 @@ def test_minmax_mean_averages_per_batch_extremes():
 # --- Histogram ----------------------------------------------------------------------------------
 
 def test_histogram_clips_rare_huge_outliers_and_lowers_error():
-    # One outlier per side in 4M values: clipping them costs less than the rounding noise a
+    # One outlier per side in 2M values: clipping them costs less than the rounding noise a
     # ±1000 range would add to every other value.
-    x = torch.randn(1 << 22, generator=gen(1))
+    x = torch.randn(1 << 21, generator=gen(1))
     x[:2] = torch.tensor([1000.0, -1000.0])
     obs = Histogram()
-    for part in x.split(1 << 20):
+    for part in x.split(1 << 19):
         obs.update(part)
     r = obs.range()
     assert r.hi - r.lo < 0.2 * 2000
     assert r.lo < -4 and r.hi > 4          # the Gaussian body stays inside
-    assert int8_mse(x, r.lo, r.hi) < 0.6 * int8_mse(x, -1000.0, 1000.0)
+    assert int8_mse(x, r.lo, r.hi) < 0.85 * int8_mse(x, -1000.0, 1000.0)
 
 
 def test_histogram_on_uniform_data_stays_near_minmax():
@@ -132,13 +138,12 @@ def test_histogram_memory_does_not_grow_with_tokens():
 
 
 @pytest.mark.parametrize("name, make", [
-    ("student-t", lambda g: torch.distributions.StudentT(3.0).sample((8000,)).double()),
-    ("skewed", lambda g: torch.nn.functional.silu(torch.randn(8000, generator=g, dtype=torch.float64) * 3)),
-    ("gauss+outlier", lambda g: torch.cat([torch.randn(7999, generator=g, dtype=torch.float64),
+    ("student-t", lambda g: student_t3(4000, g)),
+    ("skewed", lambda g: torch.nn.functional.silu(torch.randn(4000, generator=g, dtype=torch.float64) * 3)),
+    ("gauss+outlier", lambda g: torch.cat([torch.randn(3999, generator=g, dtype=torch.float64),
                                            torch.tensor([40.0], dtype=torch.float64)])),
 ])
 def test_histogram_choice_is_near_brute_force_optimum(name, make):
-    torch.manual_seed(5)                   # StudentT samples from the global generator
     x = make(gen(5))
     obs = Histogram()
     obs.update(x)
@@ -183,9 +188,9 @@ def test_automix_picks_minmax_for_outliers_and_keeps_seeing_batches():
 
 def test_automix_decides_after_its_probe_batches():
     obs = AutoMix(probe_batches=2)
-    obs.update(torch.randn(1000, generator=gen(11)))
+    obs.update(torch.randn(10_000, generator=gen(11)))
     assert obs.chosen is None
-    spike = torch.randn(1000, generator=gen(12))
+    spike = torch.randn(10_000, generator=gen(12))  # one spike in n values gives a ratio ≤ √n
     spike[0] = 1000.0
     obs.update(spike)
     assert obs.chosen is MinMax

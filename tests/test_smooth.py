@@ -29,11 +29,11 @@ def make_layer(family, kv_heads, seed=0):
     torch.manual_seed(seed)
     layer = layer_cls(config, 0).eval()
     with torch.no_grad():
-        for name, p in layer.named_parameters():
+        for i, (name, p) in enumerate(layer.named_parameters()):
             if name.endswith("norm.weight"):      # non-trivial norm weights, so the fold is visible
-                p.copy_(1 + 0.5 * torch.rand(p.shape, generator=gen(hash(name) % 1000)))
+                p.copy_(1 + 0.5 * torch.rand(p.shape, generator=gen(100 + i)))
             elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen(hash(name) % 1000)))
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen(100 + i)))
     pos = torch.arange(SEQ)[None]
     rotary = rotary_cls(config)(torch.empty(1, SEQ, 1), pos)
     return layer, rotary
@@ -242,9 +242,12 @@ def test_smoothing_reduces_int8_error_with_outlier_channels():
     def rel(t, q):
         return ((t - q).norm() / t.norm()).item()
 
+    def channel_rel(t, q):                               # mean over channels: every channel counts alike
+        return ((t - q).norm(dim=0) / t.norm(dim=0)).mean().item()
+
     # per-tensor int8 activations: the outliers no longer set the step for every channel
-    plain, smooth = rel(X, fake_quant_int8_sym(X, None)), rel(Xs, fake_quant_int8_sym(Xs, None))
-    assert smooth < 0.5 * plain
+    plain, smooth = channel_rel(X, fake_quant_int8_sym(X, None)), channel_rel(Xs, fake_quant_int8_sym(Xs, None))
+    assert smooth < 0.25 * plain
     # and end to end, per-tensor activations with per-channel weights
     ref = X @ W.T
     err_plain = rel(ref, fake_quant_int8_sym(X, None) @ fake_quant_int8_sym(W).T)
