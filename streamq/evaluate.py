@@ -91,12 +91,27 @@ def _quantized_layer(arch, step, out: CheckpointReader, desc: dict, device, dtyp
             quantized.append((module, qtype))
     layer = arch.build_layer(step, tensors, device, dtype)
     prefix = f"model.layers.{step.index}."
+    _add_smoothing_biases(layer, prefix, step, out, {m for m, _ in quantized}, device)
     for module, qtype in quantized:
         names = [n for n in out.tensors if n.startswith(module + ".") and n.rsplit(".", 1)[0] == module]
         stored = {n.rsplit(".", 1)[1]: t.to(device) for n, t in out.load(names).items()}
         parent, _, leaf = module[len(prefix):].rpartition(".")
         setattr(layer.get_submodule(parent), leaf, QuantLinear(qtype, stored, desc.get("group_size", 0)))
     return layer
+
+
+def _add_smoothing_biases(layer: nn.Module, prefix: str, step, out: CheckpointReader, quantized: set, device) -> None:
+    """Tensors asymmetric smoothing created: `<norm>.bias` (added after the norm, as the consumer
+    does) and biases of FLOAT linears that had none (those of quantized linears live in their
+    stored tensors)."""
+    extra = [n for n in out.tensors if n.startswith(prefix) and n not in step.shapes
+             and n.endswith(".bias") and n.rsplit(".", 1)[0] not in quantized]
+    for name, t in out.load(extra).items():
+        sub = layer.get_submodule(name[len(prefix):].rsplit(".", 1)[0])
+        if isinstance(sub, nn.Linear):
+            sub.bias = nn.Parameter(t.float().to(device), requires_grad=False)
+        else:
+            sub.register_forward_hook(lambda m, a, y, b=t.float().to(device): y + b.to(y.dtype))
 
 
 def _logit_stats(h_r, h_q, head_r, head_q, norm_r, norm_q, ids, acc: dict) -> None:

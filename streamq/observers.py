@@ -23,7 +23,7 @@ from .quant.schemes import ActRange
 
 QLEVELS = 255            # int8: 256 levels, 255 steps between min and max
 CHUNK = 1 << 24          # elements binned at once: bounds the temporary index tensor
-SEARCH_CELLS = 1 << 16   # (lo, hi) candidates scored at once: small enough to stay in cache
+SEARCH_CELLS = 1 << 15   # (lo, hi) candidates scored at once: small enough to stay in cache
 
 
 def _extremes(x: torch.Tensor) -> tuple[float, float]:
@@ -79,7 +79,7 @@ class Histogram(RangeObserver):
     shifted by a whole number of old bins, so that every old bin lies inside exactly one new bin:
     the old counts merge exactly and the result equals binning all data at once on the new grid.
     `range()` then searches every (lo, hi) pair of bin edges with lo ≤ 0 ≤ hi for the least
-    expected int8 quantization MSE of the histogram (see `quantization_mse`).
+    expected int8 quantization MSE of the histogram (see `quantization_error`).
     """
 
     def __init__(self, bins: int = 2048):
@@ -88,7 +88,7 @@ class Histogram(RangeObserver):
         self.bins = bins
         self.counts = torch.zeros(bins, dtype=torch.float64)
         self.lo, self.width = 0.0, 0.0                # histogram range [lo, lo + width]; 0 = empty
-        self.data_lo, self.data_hi = math.inf, -math.inf  # exact extremes, to trim the chosen range
+        self.data_lo, self.data_hi = math.inf, -math.inf  # exact extremes: candidates stop there
 
     @property
     def bin_width(self) -> float:
@@ -125,7 +125,8 @@ class Histogram(RangeObserver):
             factor *= 2
         if shift == 0 and factor == 1:
             return
-        old_bin_to_new = (torch.arange(self.bins, dtype=torch.int64) + shift) // factor
+        # Python integers: after a tiny first batch, shift and factor can exceed int64.
+        old_bin_to_new = torch.tensor([(i + shift) // factor for i in range(self.bins)])
         self.counts = torch.bincount(old_bin_to_new, weights=self.counts, minlength=self.bins).double()
         self.lo, self.width = new_lo, self.width * factor
 
@@ -144,62 +145,82 @@ class Histogram(RangeObserver):
     def range(self) -> ActRange:
         if self.width == 0.0:
             return ActRange(0.0, 0.0)
-        lo, hi = best_range(self.counts, self.edges())
-        # No mass lies beyond the exact extremes, so trimming to them only shrinks the step.
-        return ActRange(max(lo, self.data_lo), min(hi, self.data_hi))
+        # Candidates never reach past the data: no mass lies there, so that would only widen the step.
+        candidates = self.edges().clamp(min(self.data_lo, 0.0), max(self.data_hi, 0.0))
+        return ActRange(*best_range(Tails(self.counts, self.lo, self.bin_width), candidates))
 
 
-def _tail_sums(n: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Σ n, Σ n·c, Σ n·c² over bins [0, k) for k = 0 … bins (prefix sums with a leading 0)."""
-    zero = torch.zeros(1, dtype=torch.float64)
-    return tuple(torch.cat([zero, torch.cumsum(v, 0)]) for v in (n, n * c, n * c * c))
+class Tails:
+    """The histogram's mass and squared clipping error beyond any point, in O(1) per point.
 
-
-def clip_errors(counts: torch.Tensor, edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Squared error of clamping every value below edge i up to it (left[i]) and every value above
-    edge j down to it (right[j]), with each bin's values spread evenly around its centre.
-
-    Each side sums only over the clipped tail (prefix sums from its own end), so the huge centre
-    mass never enters a difference with the small tail cost.
+    Values are taken as spread evenly within each bin, so a point inside a bin splits it. Each side
+    sums only over its own tail (prefix sums from its own end): the large central mass never
+    enters a difference with a small tail cost.
     """
-    w = float(edges[1] - edges[0])
-    c = (edges[:-1] + edges[1:]) / 2
-    spread = w * w / 12       # variance of a value uniform in its bin
-    n0, n1, n2 = _tail_sums(counts, c)
-    left = n2 - 2 * edges * n1 + edges * edges * n0 + spread * n0
-    m0, m1, m2 = (v.flip(0) for v in _tail_sums(counts.flip(0), c.flip(0)))
-    right = m2 - 2 * edges * m1 + edges * edges * m0 + spread * m0
-    return left.clamp_min(0), right.clamp_min(0)
+
+    def __init__(self, counts: torch.Tensor, lo: float, w: float):
+        self.counts, self.lo, self.w = counts, lo, w
+        self.total = float(counts.sum())
+        centres = lo + w * (torch.arange(counts.numel(), dtype=torch.float64) + 0.5)
+        spread = w * w / 12       # a bin's own variance about its centre
+        # Σ n, Σ n·c, Σ n·(c² + spread) over bins [0, k) and over bins [k, end), k = 0 … bins
+        moments = torch.stack([counts, counts * centres, counts * (centres * centres + spread)])
+        zero = torch.zeros(3, 1, dtype=torch.float64)
+        self.before = torch.cat([zero, moments.cumsum(1)], 1)
+        self.after = torch.cat([moments.flip(1).cumsum(1).flip(1), zero], 1)
+
+    def _locate(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bin holding each point, and how far into it the point lies (0 … 1)."""
+        pos = (e - self.lo) / self.w
+        k = pos.floor().clamp(0, self.counts.numel() - 1)
+        return k.long(), (pos - k).clamp(0, 1)
+
+    def below(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared error of raising every value below e to e, and the mass that moves."""
+        k, f = self._locate(e)
+        m0, m1, m2 = (self.before[i][k] for i in range(3))      # whole bins before k
+        part = self.counts[k]
+        err = m2 - 2 * e * m1 + e * e * m0 + part * self.w ** 2 * f ** 3 / 3
+        return err.clamp_min(0), m0 + part * f
+
+    def above(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared error of lowering every value above e to e, and the mass that moves."""
+        k, f = self._locate(e)
+        m0, m1, m2 = (self.after[i][k + 1] for i in range(3))   # whole bins after k
+        part, g = self.counts[k], 1 - f
+        err = m2 - 2 * e * m1 + e * e * m0 + part * self.w ** 2 * g ** 3 / 3
+        return err.clamp_min(0), m0 + part * g
 
 
-def best_range(counts: torch.Tensor, edges: torch.Tensor) -> tuple[float, float]:
-    """The pair of edges (lo ≤ 0 ≤ hi) with the least expected quantization MSE; ties go to the
+def best_range(tails: Tails, candidates: torch.Tensor) -> tuple[float, float]:
+    """The candidate pair (lo ≤ 0 ≤ hi) with the least expected quantization error; ties go to the
     first pair in (lo, hi) order, so the choice is deterministic."""
-    left, right = clip_errors(counts, edges)
-    inside = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(counts, 0)])  # mass below edge k
-    los = torch.nonzero(edges <= 0).flatten()
-    his = torch.nonzero(edges >= 0).flatten()
+    los, his = candidates[candidates <= 0], candidates[candidates >= 0]
     rows = max(1, SEARCH_CELLS // his.numel())
-    best = (math.inf, 0, 0)
+    best = (math.inf, 0.0, 0.0)
     for part in los.split(rows):
-        err = quantization_mse(edges[part, None], edges[None, his], left[part, None], right[None, his],
-                               inside[his][None, :] - inside[part, None])
+        err = quantization_error(tails, part[:, None], his[None, :]).flatten()
         k = int(torch.argmin(err))
-        if float(err.flatten()[k]) < best[0]:
-            best = (float(err.flatten()[k]), int(part[k // his.numel()]), int(his[k % his.numel()]))
-    _, i, j = best
-    return float(edges[i]), float(edges[j])
+        if float(err[k]) < best[0]:
+            best = (float(err[k]), float(part[k // his.numel()]), float(his[k % his.numel()]))
+    return best[1], best[2]
 
 
-def quantization_mse(lo, hi, left_clip, right_clip, mass_inside):
-    """Total squared error of int8 asymmetric quantization with range [lo, hi] (up to a 1/N):
-    rounding noise s²/12 for the mass inside, plus the clipping error of the mass outside.
-    A zero-width range cannot quantize anything, so it scores infinity."""
+def quantization_error(tails: Tails, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Total squared error of FORMAT.md §3's int8 quantization with range [lo, hi] (up to a 1/N).
+
+    The offset rounds, so the grid actually covers [−z·s, (255 − z)·s] with z = round(−lo/s), up to
+    half a step inside [lo, hi]: clipping is scored at those ends, which matters for skewed inputs
+    with few steps below 0. Values inside get the rounding noise s²/12. A zero-width range cannot
+    quantize anything, so it scores infinity.
+    """
     width = hi - lo
-    empty = width <= 0
-    err = width.square_().mul_(mass_inside).div_(12 * QLEVELS * QLEVELS)   # in place: this is the hot loop
-    err.add_(left_clip).add_(right_clip)
-    return err.masked_fill_(empty, math.inf)
+    s = width.clamp_min(1e-30) / QLEVELS
+    z = torch.round(-lo / s)
+    clip_lo, moved_lo = tails.below(-z * s)
+    clip_hi, moved_hi = tails.above((QLEVELS - z) * s)
+    err = (tails.total - moved_lo - moved_hi) * s * s / 12 + clip_lo + clip_hi
+    return err.masked_fill_(width <= 0, math.inf)
 
 
 class AutoMix(RangeObserver):

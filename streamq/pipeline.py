@@ -62,6 +62,9 @@ def run(recipe: Recipe, model_dir: Path, out_dir: Path, device_name: str, restar
     reader = CheckpointReader(model_dir)
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     arch = arch_for(config, reader)
+    if recipe.anti_method and not isinstance(arch, DenseArch):
+        raise StreamqError(f"anti-outlier smoothing is implemented for dense models, not {config.model_type}",
+                           "remove quant.anti_method / do_smooth for this model")
     steps = arch.steps()
     for s in steps:
         check_shapes(s, reader.info)

@@ -15,6 +15,7 @@ from .checkpoint import FP8_SCALE_SUFFIX, CheckpointReader
 from .errors import StreamqError
 from .quant.schemes import SCHEMES, specs_for
 from .recipe import QuantArgs, Recipe
+from .smoothing import planned_tensors
 
 ROUTED_EXPERT = ".mlp.experts."
 STATIC_SCHEMES = ("W8A8", "W8A8_MIX", "W8A8S")
@@ -120,6 +121,15 @@ def _outputs_of(step: Step, recipe: Recipe, reader: CheckpointReader, dt: torch.
     return out
 
 
+def _smoothing_outputs(step: Step, recipe: Recipe, dt: torch.dtype) -> list[OutTensor]:
+    if step.kind != "layer":
+        return []
+    prefix = f"model.layers.{step.index}"
+    hidden = step.shapes[f"{prefix}.input_layernorm.weight"][0]
+    return [OutTensor(name, sdt, shape, "FLOAT", name)
+            for name, sdt, shape in planned_tensors(recipe, prefix, step.shapes, hidden, dt)]
+
+
 def _check_groups(args: dict[str, QuantArgs]) -> None:
     sizes = {a.group_size for a in args.values() if a.scheme in ("W4A16", "W4A8_DYNAMIC")}
     if len(sizes) > 1:
@@ -145,7 +155,8 @@ def build_plan(recipe: Recipe, steps: list[Step], reader: CheckpointReader, dt: 
     _check_unclaimed(steps, reader)
     kept = [s for s in steps if not (s.kind == "mtp" and recipe.mtp == "drop")]
     dropped, steps = len(kept) < len(steps), kept
-    outputs = {s.key: tuple(_outputs_of(s, recipe, reader, dt, args)) for s in steps}
+    outputs = {s.key: tuple(_outputs_of(s, recipe, reader, dt, args) + _smoothing_outputs(s, recipe, dt))
+               for s in steps}
     _check_groups(args)
     ordered = [t for s in steps for t in outputs[s.key]]
     shards = _assign_shards(ordered, int(recipe.shard_size_gb * 1e9))

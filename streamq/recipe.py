@@ -41,12 +41,10 @@ MSMODELSLIM_SCHEMES = {
 # neutral value so that a recipe asking for them fails loudly instead of being ignored.
 NEUTRAL_OPTIONS = {
     "act_method": 1,
-    "do_smooth": False,
     "use_kvcache_quant": False,
     "co_sparse": False,
     "is_lowbit": False,
     "use_sigma": False,
-    "anti_method": "",
     "disable_level": "",
     "nonuniform": False,
     "sigma_factor": 3.0,
@@ -107,6 +105,9 @@ class Recipe:
     output: str = ""
     shard_size_gb: float = 4.0
     mtp: str = "quantize"        # the MTP layer: quantize by the rules, keep "float", or "drop" it
+    anti_method: str = ""        # anti-outlier smoothing: "" (none), "m1" SmoothQuant, "m4" iter-smooth
+    alpha: float | None = None   # smoothing strength (default 0.5 for m1, 0.9 for m4)
+    anti_symmetric: bool = True  # m4 only: false shifts by the channel midpoint (adds norm biases)
     config_extra: dict = field(default_factory=dict)  # keys added to the output config.json
     default: QuantArgs = QuantArgs()
     rules: tuple[Rule, ...] = ()
@@ -135,6 +136,7 @@ class Recipe:
                 "rules": [{"match": r.match, **dataclasses.asdict(r.args)} for r in self.rules],
                 "disable_names": list(self.disable_names),
                 "disable_last_linear": self.disable_last_linear,
+                "anti_method": self.anti_method, "alpha": self.alpha, "anti_symmetric": self.anti_symmetric,
             },
             "calibration": dataclasses.asdict(self.calibration),
             "run": {"compute_dtype": self.run.compute_dtype, "propagate": self.run.propagate},
@@ -155,7 +157,9 @@ TABLE_KEYS = {
     "run": {"device", "batch_size", "compute_dtype", "propagate", "expert_budget_gb", "read_ahead"},
 }
 ARG_KEYS = {"scheme", "group_size", "w_method", "w_sym", "w_bit", "a_bit", "is_dynamic", "percdamp", "act_order"}
-QUANT_KEYS = ARG_KEYS | {"rules", "disable_names", "disable_last_linear"} | set(NEUTRAL_OPTIONS)
+QUANT_KEYS = ARG_KEYS | {"rules", "disable_names", "disable_last_linear", "anti_method", "do_smooth", "alpha",
+                         "anti_symmetric"} | set(NEUTRAL_OPTIONS)
+ANTI_METHODS = ("", "m1", "m4")
 RULE_KEYS = ARG_KEYS | {"match"}
 
 
@@ -274,6 +278,7 @@ def parse_recipe(text: str, path: Path) -> Recipe:
     names = quant.get("disable_names", [])
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise StreamqError(f"{path}: quant.disable_names must be a list of module names", "fix the value")
+    anti = _parse_anti(quant, path)
     mtp = _typed(doc.get("model", {}).get("mtp", "quantize"), str, "model.mtp", path)
     _check_choice(mtp, ("quantize", "float", "drop"), "model.mtp", path)
     extra = out.get("config", {})
@@ -283,6 +288,7 @@ def parse_recipe(text: str, path: Path) -> Recipe:
         model=_typed(doc.get("model", {}).get("path", ""), str, "model.path", path),
         mtp=mtp,
         config_extra=extra,
+        **anti,
         output=_typed(out.get("path", ""), str, "output.path", path),
         shard_size_gb=shard,
         default=default,
@@ -293,6 +299,26 @@ def parse_recipe(text: str, path: Path) -> Recipe:
         run=runopts,
         source_text=text,
     )
+
+
+def _parse_anti(quant: dict, path: Path) -> dict:
+    """anti_method (msModelSlim's words); do_smooth = true alone means SmoothQuant (m1)."""
+    do_smooth = _typed(quant.get("do_smooth", False), bool, "quant.do_smooth", path)
+    method = _typed(quant.get("anti_method", "m1" if do_smooth else ""), str, "quant.anti_method", path).lower()
+    if method == "m6":
+        raise StreamqError(f"{path}: quant.anti_method = \"m6\" (flex-smooth) is not implemented in this version",
+                           "use m1 (SmoothQuant) or m4 (iter-smooth)")
+    _check_choice(method, ANTI_METHODS, "quant.anti_method", path)
+    alpha = quant.get("alpha")
+    if alpha is not None:
+        alpha = _typed(alpha, float, "quant.alpha", path)
+        if not 0 <= alpha <= 1:
+            raise StreamqError(f"{path}: quant.alpha must be in [0, 1], got {alpha}", "0.5 is SmoothQuant's default")
+    symmetric = _typed(quant.get("anti_symmetric", True), bool, "quant.anti_symmetric", path)
+    if not symmetric and method != "m4":
+        raise StreamqError(f"{path}: anti_symmetric = false needs anti_method = \"m4\"",
+                           "the shifted (asymmetric) smoothing is iter-smooth's variant")
+    return {"anti_method": method, "alpha": alpha, "anti_symmetric": symmetric}
 
 
 def _check_choice(value: str, choices: tuple[str, ...], key: str, path: Path) -> None:

@@ -18,6 +18,7 @@ from .plan import Plan
 from .prefetch import Prefetcher
 from .recipe import Recipe
 from .shards import ShardWriter
+from .smoothing import refreshed, smooth_layer
 
 
 @dataclass
@@ -89,9 +90,13 @@ def step_layer(ctx: Context, step: Step, H):
     raw = load_float(ctx, step)
     layer = ctx.arch.build_layer(step, raw, ctx.device, ctx.cdt)
     rotary = ctx.rotary_for(H.shape[1])
+    prefix = f"model.layers.{step.index}"
+    forward = lambda x: ctx.arch.layer_forward(layer, x, rotary)  # noqa: E731
+    if ctx.recipe.anti_method:
+        biases = smooth_layer(ctx.recipe, layer, forward, H, ctx.recipe.run.batch_size, ctx.device, ctx.cdt)
+        raw = refreshed(raw, layer, prefix, biases)
     args = {n: ctx.plan.args[n] for n in step.linears}
-    res = process_layer(layer, f"model.layers.{step.index}", lambda x: ctx.arch.layer_forward(layer, x, rotary),
-                        H, args, step.groups, ctx.plan.model_dtype, ctx.recipe.run.batch_size, ctx.device,
+    res = process_layer(layer, prefix, forward, H, args, step.groups, ctx.plan.model_dtype, ctx.recipe.run.batch_size, ctx.device,
                         ctx.cdt, ctx.recipe.run.propagate)
     faults.point("layer-computed")
     write_outputs(ctx, step, raw, res.quantized)

@@ -151,6 +151,27 @@ def test_histogram_choice_is_near_brute_force_optimum(name, make):
     assert int8_mse(x, r.lo, r.hi) <= 1.05 * brute_force_mse(x)
 
 
+def test_histogram_survives_a_tiny_first_batch_then_a_huge_one():
+    obs = Histogram()
+    obs.update(torch.zeros(10))          # zero width: the range grows by ~2^60 on the next batch
+    obs.update(torch.tensor([-1e4, 3e5]))
+    assert float(obs.counts.sum()) == 12
+    assert obs.lo <= -1e4 and obs.lo + obs.width >= 3e5
+
+
+def test_histogram_rejects_non_finite_input():
+    with pytest.raises(StreamqError):
+        Histogram().update(torch.tensor([1.0, float("inf")]))
+
+
+def test_histogram_range_of_positive_input_starts_at_zero():
+    x = torch.rand(10_000, generator=gen(6)) + 1     # all in [1, 2): the quantized range needs 0 too
+    obs = Histogram()
+    obs.update(x)
+    r = obs.range()
+    assert r.lo == 0.0 and float(x.max()) - 0.01 < r.hi <= float(x.max())
+
+
 def test_histogram_is_deterministic():
     ranges = []
     for _ in range(2):
