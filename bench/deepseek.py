@@ -87,6 +87,7 @@ class Measured:
     ru_maxrss: int                 # bytes, from wait4
     poll_peak: int                 # bytes, psutil every 20 ms
     step_peak: dict                # step -> peak polled RSS while it ran (bytes)
+    step_file: dict                # step -> RssFile (mapped file pages) at that peak
     samples: int
 
 
@@ -99,14 +100,21 @@ def measure(cmd: list[str], log: Path) -> Measured:
     marks: list[tuple[float, str]] = []
     done = threading.Event()
 
+    status = Path(f"/proc/{p.pid}/status")
+
     def poll():
+        # /proc/PID/status: VmRSS and its file-backed part (safetensors' memory maps) in one read
         while not done.is_set():
             try:
-                rss = proc.memory_info().rss
-            except psutil.Error:
-                break
+                fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+                rss, rss_file = (int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "RssFile"))
+            except (OSError, KeyError, ValueError):
+                try:
+                    rss, rss_file = proc.memory_info().rss, 0
+                except psutil.Error:
+                    break
             if rss:
-                samples.append((time.monotonic() - t0, rss))
+                samples.append((time.monotonic() - t0, rss, rss_file))
             done.wait(0.02)
 
     def read():
@@ -131,13 +139,13 @@ def measure(cmd: list[str], log: Path) -> Measured:
         t.join()
     p.returncode = os.waitstatus_to_exitcode(status)
     # A step's samples: after the previous step's line, up to its own (load, compute, commit).
-    step_peak, start = {}, 0.0
+    step_peak, step_file, start = {}, {}, 0.0
     for t_end, step in marks:
-        inside = [r for t, r in samples if start < t <= t_end]
-        step_peak[step] = max(inside, default=0)
+        inside = [(r, f) for t, r, f in samples if start < t <= t_end]
+        step_peak[step], step_file[step] = max(inside, default=(0, 0))
         start = t_end
     return Measured(cmdline(cmd), wall, p.returncode, usage.ru_maxrss * 1024,
-                    max((r for _, r in samples), default=0), step_peak, len(samples))
+                    max((r for _, r, _ in samples), default=0), step_peak, step_file, len(samples))
 
 
 def synth_cmd(out: Path, experts: int, layers: int, vocab: int, mtp: bool) -> list[str]:
@@ -213,7 +221,7 @@ def run_quant(tag: str, ckpt: Path, recipe: Path, experts: int) -> dict:
     moe = [k for k in steps if k.startswith("layer.") and k != "layer.0"]
     res = {
         "tag": tag, "experts": experts, "cmd": m.cmd, "wall": m.wall, "ru_maxrss": m.ru_maxrss,
-        "poll_peak": m.poll_peak, "samples": m.samples, "step_peak": m.step_peak,
+        "poll_peak": m.poll_peak, "samples": m.samples, "step_peak": m.step_peak, "step_file": m.step_file,
         "steps": report["steps"], "output_bytes": report["output_bytes"],
         "dense_s": steps["layer.0"]["seconds"],
         "moe_s": sum(steps[k]["seconds"] for k in moe) / len(moe),
@@ -634,13 +642,14 @@ def markdown(res: dict, rows: list, summary: dict, a) -> str:
                  }[r["variant"]]
         lines += [f"### {tag.upper()} per step ({r['experts']} experts{extra})", "",
                   f"`{r['cmd']}`", "",
-                  "| step | seconds | peak RSS while it ran (poll) | RSS at its end (report) | rel. error | "
-                  "experts without tokens |", "|---|---|---|---|---|---|"]
+                  "| step | seconds | peak RSS while it ran (poll) | of which mapped file pages | RSS at its end "
+                  "(report) | rel. error | experts without tokens |", "|---|---|---|---|---|---|---|"]
         for s in r["steps"]:
             err = f"{s['rel_error']:.3f}" if s.get("rel_error") is not None else ""
             unr = "" if s.get("experts_without_tokens") is None else str(s["experts_without_tokens"])
             lines.append(f"| {s['step']} | {s['seconds']:.1f} | {fmt_mib(r['step_peak'].get(s['step'], 0))} MiB | "
-                         f"{fmt_mib(s['rss'])} MiB | {err} | {unr} |")
+                         f"{fmt_mib(r.get('step_file', {}).get(s['step'], 0))} MiB | {fmt_mib(s['rss'])} MiB | "
+                         f"{err} | {unr} |")
         lines.append("")
     ch = res.get("chunk")
     if ch:

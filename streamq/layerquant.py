@@ -13,29 +13,30 @@ from torch import nn
 
 from .kernels.affine import fake_quant_per_token
 from .quant.schemes import SCHEMES, ActRange, Quantized
+from .observers import MinMax, RangeObserver
 from .quant.gptq import HessianAccumulator
 from .recipe import QuantArgs
 
 
 class InputObserver:
-    """Statistics of one linear input over all calibration batches, in constant memory: the
-    global min/max, and GPTQ's Hessian H = 2XᵀX/N when a linear reading it needs one."""
+    """Statistics of one linear input over all calibration batches, in constant memory: its
+    per-tensor range (by the recipe's act_method), and GPTQ's Hessian H = 2XᵀX/N when a linear
+    reading it needs one."""
 
-    def __init__(self, hessian: bool):
-        self.lo, self.hi = float("inf"), float("-inf")
+    def __init__(self, hessian: bool, ranges: RangeObserver):
+        self.ranges = ranges
         self.wants_hessian = hessian
         self.hessian: HessianAccumulator | None = None
 
     def update(self, x: torch.Tensor) -> None:
-        self.lo = min(self.lo, float(x.min()))
-        self.hi = max(self.hi, float(x.max()))
+        self.ranges.update(x)
         if self.wants_hessian:
             if self.hessian is None:  # the input width is known at the first batch
                 self.hessian = HessianAccumulator(x.shape[-1], x.device)
             self.hessian.update(x)
 
     def range(self) -> ActRange:
-        return ActRange(self.lo, self.hi)
+        return self.ranges.range()
 
     def H(self) -> torch.Tensor | None:
         return None if self.hessian is None or self.hessian.N == 0 else self.hessian.H.cpu()
@@ -43,7 +44,7 @@ class InputObserver:
 
 @contextmanager
 def observe_inputs(layer: nn.Module, prefix: str, groups: dict[str, str], linears: list[str],
-                   hessian: set[str] = frozenset()):
+                   hessian: set[str] = frozenset(), make_range=MinMax):
     """One observer per distinct input: linears that share an input (q/k/v) share an observer,
     and one Hessian serves all of them."""
     observers: dict[str, InputObserver] = {}
@@ -53,7 +54,7 @@ def observe_inputs(layer: nn.Module, prefix: str, groups: dict[str, str], linear
         if key in observers:
             continue
         needs_h = any(groups.get(n, n) == key for n in hessian)
-        obs = observers[key] = InputObserver(needs_h)
+        obs = observers[key] = InputObserver(needs_h, make_range())
         sub = layer.get_submodule(name[len(prefix) + 1:] if prefix else name)
         handles.append(sub.register_forward_pre_hook(lambda m, args, obs=obs: obs.update(args[0])))
     try:
@@ -115,20 +116,22 @@ def run_batches(fn, H: torch.Tensor, batch: int, device, dtype, out: torch.Tenso
 
 def observe_and_quantize(layer: nn.Module, prefix: str, forward, H: torch.Tensor, args: dict[str, QuantArgs],
                          groups: dict[str, str], dt: torch.dtype, batch: int, device, cdt,
-                         out: torch.Tensor | None = None) -> dict[str, Quantized]:
+                         out: torch.Tensor | None = None, make_range=MinMax) -> dict[str, Quantized]:
     """Float pass with input observers (its outputs to `out`), then quantize and install Ŵ."""
     quantizable = [n for n, a in args.items() if a.scheme != "FLOAT"]
     with torch.no_grad():
-        with observe_inputs(layer, prefix, groups, quantizable, needs_hessian(args)) as obs:
+        with observe_inputs(layer, prefix, groups, quantizable, needs_hessian(args), make_range) as obs:
             run_batches(forward, H, batch, device, cdt, out)
         return quantize_linears(layer, prefix, args, groups, obs, dt)
 
 
 def process_layer(layer: nn.Module, prefix: str, forward, H: torch.Tensor, args: dict[str, QuantArgs],
-                  groups: dict[str, str], dt: torch.dtype, batch: int, device, cdt, propagate: str) -> LayerResult:
+                  groups: dict[str, str], dt: torch.dtype, batch: int, device, cdt, propagate: str,
+                  make_range=MinMax) -> LayerResult:
     """Observe (float pass) → quantize → propagate (quantized pass, into H in place)."""
     Y_float = torch.empty_like(H)
-    quantized = observe_and_quantize(layer, prefix, forward, H, args, groups, dt, batch, device, cdt, Y_float)
+    quantized = observe_and_quantize(layer, prefix, forward, H, args, groups, dt, batch, device, cdt, Y_float,
+                                     make_range)
     with torch.no_grad():
         if quantized:
             run_batches(forward, H, batch, device, cdt, H)

@@ -23,7 +23,7 @@ from .quant.schemes import ActRange
 
 QLEVELS = 255            # int8: 256 levels, 255 steps between min and max
 CHUNK = 1 << 24          # elements binned at once: bounds the temporary index tensor
-SEARCH_CELLS = 1 << 15   # (lo, hi) candidates scored at once: small enough to stay in cache
+SEARCH_CELLS = 1 << 14   # (lo, hi) candidates scored at once: small enough to stay in cache
 
 
 def _extremes(x: torch.Tensor) -> tuple[float, float]:
@@ -164,10 +164,11 @@ class Tails:
         centres = lo + w * (torch.arange(counts.numel(), dtype=torch.float64) + 0.5)
         spread = w * w / 12       # a bin's own variance about its centre
         # Σ n, Σ n·c, Σ n·(c² + spread) over bins [0, k) and over bins [k, end), k = 0 … bins
-        moments = torch.stack([counts, counts * centres, counts * (centres * centres + spread)])
-        zero = torch.zeros(3, 1, dtype=torch.float64)
-        self.before = torch.cat([zero, moments.cumsum(1)], 1)
-        self.after = torch.cat([moments.flip(1).cumsum(1).flip(1), zero], 1)
+        # as rows [k, 3], so that one gather fetches all three at a point.
+        moments = torch.stack([counts, counts * centres, counts * (centres * centres + spread)], 1)
+        zero = torch.zeros(1, 3, dtype=torch.float64)
+        self.before = torch.cat([zero, moments.cumsum(0)])
+        self.after = torch.cat([moments.flip(0).cumsum(0).flip(0), zero])
 
     def _locate(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The bin holding each point, and how far into it the point lies (0 … 1)."""
@@ -178,7 +179,7 @@ class Tails:
     def below(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Squared error of raising every value below e to e, and the mass that moves."""
         k, f = self._locate(e)
-        m0, m1, m2 = (self.before[i][k] for i in range(3))      # whole bins before k
+        m0, m1, m2 = self.before[k].unbind(-1)      # whole bins before k
         part = self.counts[k]
         err = m2 - 2 * e * m1 + e * e * m0 + part * self.w ** 2 * f ** 3 / 3
         return err.clamp_min(0), m0 + part * f
@@ -186,7 +187,7 @@ class Tails:
     def above(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Squared error of lowering every value above e to e, and the mass that moves."""
         k, f = self._locate(e)
-        m0, m1, m2 = (self.after[i][k + 1] for i in range(3))   # whole bins after k
+        m0, m1, m2 = self.after[k + 1].unbind(-1)   # whole bins after k
         part, g = self.counts[k], 1 - f
         err = m2 - 2 * e * m1 + e * e * m0 + part * self.w ** 2 * g ** 3 / 3
         return err.clamp_min(0), m0 + part * g
@@ -225,8 +226,9 @@ def quantization_error(tails: Tails, lo: torch.Tensor, hi: torch.Tensor) -> torc
 
 class AutoMix(RangeObserver):
     """msModelSlim's auto-mix: on the first `probe_batches` batches, ratio = max(|min|, |max|) / std.
-    A ratio ≤ threshold (no outliers: a Gaussian gives about 4) uses Histogram, a larger one MinMax,
-    since an MSE-optimal range would clip the outliers that such inputs carry meaning in.
+    A ratio ≤ threshold (no outliers: a Gaussian gives about 4) uses Histogram; a larger one uses
+    MinMax, because an MSE-optimal range would clip those outliers, and in LLM activations the
+    outlier channels carry signal.
 
     Until it decides, both candidates see every batch (each in constant memory), so the chosen one
     has seen all data; `chosen` is then the class it kept, and `ratio` the measured ratio."""

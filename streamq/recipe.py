@@ -40,7 +40,6 @@ MSMODELSLIM_SCHEMES = {
 # msModelSlim options that streamq knows but does not implement yet: accepted only at their
 # neutral value so that a recipe asking for them fails loudly instead of being ignored.
 NEUTRAL_OPTIONS = {
-    "act_method": 1,
     "use_kvcache_quant": False,
     "co_sparse": False,
     "is_lowbit": False,
@@ -108,6 +107,8 @@ class Recipe:
     anti_method: str = ""        # anti-outlier smoothing: "" (none), "m1" SmoothQuant, "m4" iter-smooth
     alpha: float | None = None   # smoothing strength (default 0.5 for m1, 0.9 for m4)
     anti_symmetric: bool = True  # m4 only: false shifts by the channel midpoint (adds norm biases)
+    act_method: int = 1          # static activation range: 1 min-max, 2 histogram (MSE), 3 auto-mix
+    act_aggregate: str = "global"  # min-max over batches: "global" extremes or "mean" of per-batch
     config_extra: dict = field(default_factory=dict)  # keys added to the output config.json
     default: QuantArgs = QuantArgs()
     rules: tuple[Rule, ...] = ()
@@ -137,10 +138,16 @@ class Recipe:
                 "disable_names": list(self.disable_names),
                 "disable_last_linear": self.disable_last_linear,
                 "anti_method": self.anti_method, "alpha": self.alpha, "anti_symmetric": self.anti_symmetric,
+                "act_method": self.act_method, "act_aggregate": self.act_aggregate,
             },
             "calibration": dataclasses.asdict(self.calibration),
             "run": {"compute_dtype": self.run.compute_dtype, "propagate": self.run.propagate},
         }
+
+    def make_range(self):
+        """The activation-range observer of a static input, as act_method says."""
+        from .observers import make_observer
+        return make_observer(self.act_method, self.act_aggregate)
 
     def semantic_hash(self) -> str:
         blob = json.dumps(self.semantic(), sort_keys=True).encode()
@@ -158,7 +165,7 @@ TABLE_KEYS = {
 }
 ARG_KEYS = {"scheme", "group_size", "w_method", "w_sym", "w_bit", "a_bit", "is_dynamic", "percdamp", "act_order"}
 QUANT_KEYS = ARG_KEYS | {"rules", "disable_names", "disable_last_linear", "anti_method", "do_smooth", "alpha",
-                         "anti_symmetric"} | set(NEUTRAL_OPTIONS)
+                         "anti_symmetric", "act_method", "act_aggregate"} | set(NEUTRAL_OPTIONS)
 ANTI_METHODS = ("", "m1", "m4")
 RULE_KEYS = ARG_KEYS | {"match"}
 
@@ -302,7 +309,8 @@ def parse_recipe(text: str, path: Path) -> Recipe:
 
 
 def _parse_anti(quant: dict, path: Path) -> dict:
-    """anti_method (msModelSlim's words); do_smooth = true alone means SmoothQuant (m1)."""
+    """Activation-side options: anti_method (msModelSlim's words; do_smooth = true alone means
+    SmoothQuant, m1) and the static-range observer (act_method, act_aggregate)."""
     do_smooth = _typed(quant.get("do_smooth", False), bool, "quant.do_smooth", path)
     method = _typed(quant.get("anti_method", "m1" if do_smooth else ""), str, "quant.anti_method", path).lower()
     if method == "m6":
@@ -318,7 +326,14 @@ def _parse_anti(quant: dict, path: Path) -> dict:
     if not symmetric and method != "m4":
         raise StreamqError(f"{path}: anti_symmetric = false needs anti_method = \"m4\"",
                            "the shifted (asymmetric) smoothing is iter-smooth's variant")
-    return {"anti_method": method, "alpha": alpha, "anti_symmetric": symmetric}
+    act_method = _typed(quant.get("act_method", 1), int, "quant.act_method", path)
+    if act_method not in (1, 2, 3):
+        raise StreamqError(f"{path}: quant.act_method = {act_method} is not 1, 2 or 3",
+                           "1 min-max, 2 histogram, 3 auto-mix")
+    aggregate = _typed(quant.get("act_aggregate", "global"), str, "quant.act_aggregate", path)
+    _check_choice(aggregate, ("global", "mean"), "quant.act_aggregate", path)
+    return {"anti_method": method, "alpha": alpha, "anti_symmetric": symmetric, "act_method": act_method,
+            "act_aggregate": aggregate}
 
 
 def _check_choice(value: str, choices: tuple[str, ...], key: str, path: Path) -> None:

@@ -96,8 +96,9 @@ def step_layer(ctx: Context, step: Step, H):
         biases = smooth_layer(ctx.recipe, layer, forward, H, ctx.recipe.run.batch_size, ctx.device, ctx.cdt)
         raw = refreshed(raw, layer, prefix, biases)
     args = {n: ctx.plan.args[n] for n in step.linears}
-    res = process_layer(layer, prefix, forward, H, args, step.groups, ctx.plan.model_dtype, ctx.recipe.run.batch_size, ctx.device,
-                        ctx.cdt, ctx.recipe.run.propagate)
+    res = process_layer(layer, prefix, forward, H, args, step.groups, ctx.plan.model_dtype,
+                        ctx.recipe.run.batch_size, ctx.device, ctx.cdt, ctx.recipe.run.propagate,
+                        ctx.recipe.make_range)
     faults.point("layer-computed")
     write_outputs(ctx, step, raw, res.quantized)
     return H, {"rel_error": res.rel_error}
@@ -115,7 +116,8 @@ def step_final(ctx: Context, step: Step, H):
         # lm_head's input is the final norm's output; the logits themselves are not kept.
         quantized = observe_and_quantize(torch.nn.ModuleDict({"lm_head": head}), "", head, X,
                                          {"lm_head": ctx.plan.args["lm_head"]}, {}, ctx.plan.model_dtype,
-                                         ctx.recipe.run.batch_size, "cpu", torch.float32)
+                                         ctx.recipe.run.batch_size, "cpu", torch.float32,
+                                         make_range=ctx.recipe.make_range)
     write_outputs(ctx, step, raw, quantized)
     return H, {}
 
