@@ -44,7 +44,7 @@ class InputObserver:
 
 @contextmanager
 def observe_inputs(layer: nn.Module, prefix: str, groups: dict[str, str], linears: list[str],
-                   hessian: set[str] = frozenset(), make_range=MinMax):
+                   hessian: set[str] = frozenset(), make_range=MinMax, static: set[str] = frozenset()):
     """One observer per distinct input: linears that share an input (q/k/v) share an observer,
     and one Hessian serves all of them."""
     observers: dict[str, InputObserver] = {}
@@ -53,8 +53,10 @@ def observe_inputs(layer: nn.Module, prefix: str, groups: dict[str, str], linear
         key = groups.get(name, name)
         if key in observers:
             continue
-        needs_h = any(groups.get(n, n) == key for n in hessian)
-        obs = observers[key] = InputObserver(needs_h, make_range())
+        readers = [n for n in linears if groups.get(n, n) == key]
+        # Only static inputs use the range, so only they pay for a histogram.
+        ranges = make_range() if any(n in static for n in readers) else MinMax()
+        obs = observers[key] = InputObserver(any(n in hessian for n in readers), ranges)
         sub = layer.get_submodule(name[len(prefix) + 1:] if prefix else name)
         handles.append(sub.register_forward_pre_hook(lambda m, args, obs=obs: obs.update(args[0])))
     try:
@@ -62,6 +64,13 @@ def observe_inputs(layer: nn.Module, prefix: str, groups: dict[str, str], linear
     finally:
         for h in handles:
             h.remove()
+
+
+STATIC = ("W8A8", "W8A8_MIX")  # the schemes that store a per-tensor activation range
+
+
+def static_inputs(args: dict[str, QuantArgs]) -> set[str]:
+    return {n for n, a in args.items() if a.scheme in STATIC}
 
 
 def needs_hessian(args: dict[str, QuantArgs]) -> set[str]:
@@ -120,7 +129,8 @@ def observe_and_quantize(layer: nn.Module, prefix: str, forward, H: torch.Tensor
     """Float pass with input observers (its outputs to `out`), then quantize and install Ŵ."""
     quantizable = [n for n, a in args.items() if a.scheme != "FLOAT"]
     with torch.no_grad():
-        with observe_inputs(layer, prefix, groups, quantizable, needs_hessian(args), make_range) as obs:
+        with observe_inputs(layer, prefix, groups, quantizable, needs_hessian(args), make_range,
+                            static_inputs(args)) as obs:
             run_batches(forward, H, batch, device, cdt, out)
         return quantize_linears(layer, prefix, args, groups, obs, dt)
 

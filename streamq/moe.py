@@ -17,7 +17,7 @@ import torch
 
 from . import faults
 from .arch.base import Step
-from .layerquant import needs_hessian, observe_inputs, quantize_linears
+from .layerquant import needs_hessian, observe_inputs, quantize_linears, static_inputs
 from .steps import Context, load_float, prefetch_float, write_outputs
 
 EXPERT_TAG = ".mlp.experts."
@@ -137,7 +137,8 @@ def _base_phase(ctx: Context, step: Step, make_inputs, shape) -> tuple[BasePass,
     args = {n: a for n, a in ctx.plan.args.items() if n in step.linears and not _is_expert(n)
             and n in _submodules(base, prefix)}
     quantizable = [n for n, a in args.items() if a.scheme != "FLOAT"]
-    with observe_inputs(base, prefix, step.groups, quantizable, needs_hessian(args), ctx.recipe.make_range) as obs:
+    with observe_inputs(base, prefix, step.groups, quantizable, needs_hessian(args), ctx.recipe.make_range,
+                        static_inputs(args)) as obs:
         F = _run_base(ctx, base, inputs, shape, moe)
     quantized = quantize_linears(base, prefix, args, step.groups, obs, ctx.plan.model_dtype)
     Q = _run_base(ctx, base, inputs, shape, moe) if quantized else BasePass(F.out.clone(), F.x, F.idx, F.w)

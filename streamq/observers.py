@@ -23,7 +23,8 @@ from .quant.schemes import ActRange
 
 QLEVELS = 255            # int8: 256 levels, 255 steps between min and max
 CHUNK = 1 << 24          # elements binned at once: bounds the temporary index tensor
-SEARCH_CELLS = 1 << 14   # (lo, hi) candidates scored at once: small enough to stay in cache
+SEARCH_CELLS = 1 << 15   # (lo, hi) candidates scored at once: cache-sized, and small enough that
+                         # torch keeps each op on one thread (no hand-offs on a busy CPU)
 
 
 def _extremes(x: torch.Tensor) -> tuple[float, float]:

@@ -90,8 +90,10 @@ def test_unknown_scheme(tmp_path, sharded):
 def test_unimplemented_option_is_an_error(tmp_path, sharded):
     recipe = write_recipe(tmp_path / "r.toml", SMALL_CAL + '[quant]\nscheme = "W8A8S"\n')
     run_and_expect(recipe, sharded, tmp_path / "out", "W8A8S", "not implemented")
-    recipe = write_recipe(tmp_path / "r2.toml", SMALL_CAL + '[quant]\nw_method = "GPTQ"\n')
-    run_and_expect(recipe, sharded, tmp_path / "out", "gptq", "not implemented")
+    recipe = write_recipe(tmp_path / "r2.toml", SMALL_CAL + '[quant]\nanti_method = "m6"\n')
+    run_and_expect(recipe, sharded, tmp_path / "out", "m6", "not implemented")
+    recipe = write_recipe(tmp_path / "r3.toml", SMALL_CAL + '[quant]\nuse_kvcache_quant = true\n')
+    run_and_expect(recipe, sharded, tmp_path / "out", "use_kvcache_quant", "not implemented")
 
 
 def test_group_size_must_divide(tmp_path, sharded):

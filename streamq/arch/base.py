@@ -24,6 +24,17 @@ class Step:
     groups: dict[str, str] = field(default_factory=dict)  # linear → key of the input it shares
 
 
+def embed_and_final(config, has_lm_head: bool) -> tuple[Step, Step]:
+    """The first and last steps every family shares: the embedding; the final norm and lm_head
+    (absent when the checkpoint ties it to the embedding)."""
+    c = config
+    embed = Step("embed", "embed", -1, {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size)})
+    final_shapes = {"model.norm.weight": (c.hidden_size,)}
+    if has_lm_head:
+        final_shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    return embed, Step("final", "final", -1, final_shapes, ("lm_head",) if has_lm_head else ())
+
+
 def expected_shapes(module: nn.Module, prefix: str) -> dict[str, tuple[int, ...]]:
     """Parameter names and shapes of a module built on the meta device (no memory)."""
     return {f"{prefix}.{name}": tuple(p.shape) for name, p in module.state_dict().items()}

@@ -16,7 +16,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
     DeepseekV3Attention, DeepseekV3MLP, DeepseekV3RMSNorm, DeepseekV3RotaryEmbedding)
 
 from ..errors import StreamqError
-from .base import Step, expected_shapes, linear_names, load_into
+from .base import Step, embed_and_final, expected_shapes, linear_names, load_into
 
 # Linears that read the same tensor share one input observer (and one static activation scale):
 # the consumer fuses q_a_proj (or q_proj) with kv_a_proj_with_mqa, and gate with up.
@@ -151,12 +151,7 @@ class DeepseekArch:
         return f"model.layers.{i}.mlp.experts.{e}"
 
     def steps(self) -> list[Step]:
-        c = self.config
-        embed = Step("embed", "embed", -1, {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size)})
-        final_shapes = {"model.norm.weight": (c.hidden_size,)}
-        if self.has_lm_head:
-            final_shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
-        final = Step("final", "final", -1, final_shapes, ("lm_head",) if self.has_lm_head else ())
+        embed, final = embed_and_final(self.config, self.has_lm_head)
         mtp = [self.layer_step(self.L, mtp=True)] if self.has_mtp else []
         return [embed, *(self.layer_step(i) for i in range(self.L)), *mtp, final]
 

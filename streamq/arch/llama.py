@@ -13,7 +13,7 @@ from transformers.models.qwen2 import modeling_qwen2
 from transformers.models.qwen3 import modeling_qwen3
 
 from ..errors import StreamqError
-from .base import Step, expected_shapes, linear_names, load_into
+from .base import Step, embed_and_final, expected_shapes, linear_names, load_into
 
 FAMILIES = {
     "llama": (modeling_llama.LlamaDecoderLayer, modeling_llama.LlamaRotaryEmbedding, modeling_llama.LlamaRMSNorm),
@@ -41,13 +41,8 @@ class DenseArch:
                                "the checkpoint is incomplete: add lm_head.weight or set tie_word_embeddings")
 
     def steps(self) -> list[Step]:
-        c = self.config
-        embed = Step("embed", "embed", -1, {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size)})
-        final_shapes = {"model.norm.weight": (c.hidden_size,)}
-        if self.has_lm_head:
-            final_shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
-        final = Step("final", "final", -1, final_shapes, ("lm_head",) if self.has_lm_head else ())
-        return [embed, *(self.layer_step(i) for i in range(c.num_hidden_layers)), final]
+        embed, final = embed_and_final(self.config, self.has_lm_head)
+        return [embed, *(self.layer_step(i) for i in range(self.config.num_hidden_layers)), final]
 
     def layer_step(self, i: int) -> Step:
         prefix = f"model.layers.{i}"

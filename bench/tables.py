@@ -1,0 +1,263 @@
+"""Accuracy tables for streamq on SmolLM2-135M: activation quantization (A) and weight methods (B).
+
+Each configuration is a recipe written to bench/work/tab-<name>.toml, quantized with `streamq run`,
+checked with `streamq verify`, and evaluated with `streamq eval` (layer-streamed; every quantized
+linear runs the consumer's integer math from the stored tensors). Results go to
+bench/work/tab-<name>.json; the output folder is deleted after its evaluation. A configuration
+whose JSON exists is skipped unless --force, so an interrupted run resumes. bench/tables.md is
+rewritten after every run. Runs are strictly sequential.
+
+    .venv/bin/python bench/tables.py [--force] [--only NAME ...] [--budget-min 50]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "bench" / "work"
+MODEL = ROOT / ".cache" / "smollm2"
+OUT_MD = ROOT / "bench" / "tables.md"
+EVAL_SAMPLES, EVAL_SEQ = 8, 512
+CALIB_FULL = (32, 256)   # GPTQ and static activations depend on calibration: the shipped recipes' size
+CALIB_FREE = (4, 64)     # MinMax / HQQ weights (and dynamic activations) do not look at calibration data
+
+
+def recipe(scheme: str, calib: tuple[int, int], **quant) -> str:
+    lines = ["[calibration]", 'source = "builtin"', f"samples = {calib[0]}", f"seq_len = {calib[1]}", "",
+             "[quant]", f'scheme = "{scheme}"', "disable_last_linear = true"]
+    for key, value in quant.items():
+        lines.append(f"{key} = " + (f'"{value}"' if isinstance(value, str) else str(value).lower()))
+    lines += ["", "[run]", 'device = "cpu"', "batch_size = 8", ""]
+    return "\n".join(lines)
+
+
+def static(act_method: int, smooth: str) -> tuple[str, str]:
+    """(label, recipe) of W8A8 static with one observer and one smoothing."""
+    anti = {"none": {}, "m1": dict(anti_method="m1", alpha=0.5),
+            "m4": dict(anti_method="m4", alpha=0.9, anti_symmetric=True),
+            "m4a": dict(anti_method="m4", alpha=0.9, anti_symmetric=False)}[smooth]
+    words = {"none": "no smoothing", "m1": "m1 α=0.5", "m4": "m4 sym α=0.9", "m4a": "m4 asym α=0.9"}[smooth]
+    return (f"W8A8 static, act_method {act_method}, {words}",
+            recipe("W8A8", CALIB_FULL, w_method="MinMax", act_method=act_method, **anti))
+
+
+def w4(group: int, method: str, act_order: bool = False) -> tuple[str, str]:
+    calib = CALIB_FULL if method == "GPTQ" else CALIB_FREE
+    extra = dict(act_order=True) if act_order else {}
+    label = f"W4A16 g{group} asym, {method}" + (" act_order" if act_order else "")
+    return label, recipe("W4A16", calib, group_size=group, w_sym=False, w_method=method, **extra)
+
+
+def wq(scheme: str, method: str) -> tuple[str, str]:
+    return f"{scheme}, {method}", recipe(scheme, CALIB_FULL if method == "GPTQ" else CALIB_FREE, w_method=method)
+
+
+# (name, tables it appears in, (label, recipe)), in run order: the most informative first.
+CONFIGS = [
+    ("w4a16-g64-minmax", "B", w4(64, "MinMax")),
+    ("w4a16-g64-gptq", "B", w4(64, "GPTQ")),
+    ("w4a16-g64-hqq", "B", w4(64, "HQQ")),
+    ("w8a8dyn-minmax", "AB", wq("W8A8_DYNAMIC", "MinMax")),
+    ("w8a8-am1-none", "A", static(1, "none")),
+    ("w8a8-am1-m1", "A", static(1, "m1")),
+    ("w8a8-am1-m4", "A", static(1, "m4")),
+    ("w8a8-am1-m4a", "A", static(1, "m4a")),
+    ("w4a16-g64-gptq-ao", "B", w4(64, "GPTQ", True)),
+    ("w8a8dyn-gptq", "B", wq("W8A8_DYNAMIC", "GPTQ")),
+    ("w8a16-minmax", "B", wq("W8A16", "MinMax")),
+    ("w8a16-gptq", "B", wq("W8A16", "GPTQ")),
+    ("w8a8-mix", "A", ("W8A8_MIX (act_method 1, no smoothing)", recipe("W8A8_MIX", CALIB_FULL, w_method="MinMax"))),
+    ("w8a8-am2-none", "A", static(2, "none")),
+    ("w8a8-am2-m1", "A", static(2, "m1")),
+    ("w8a8-am2-m4", "A", static(2, "m4")),
+    ("w8a8-am2-m4a", "A", static(2, "m4a")),
+    ("w4a16-g128-minmax", "B", w4(128, "MinMax")),
+    ("w4a16-g128-gptq", "B", w4(128, "GPTQ")),
+    ("w4a16-g128-hqq", "B", w4(128, "HQQ")),
+    ("w4a16-g128-gptq-ao", "B", w4(128, "GPTQ", True)),
+    ("w8a8-am3-none", "A", static(3, "none")),
+    ("w8a8-am3-m1", "A", static(3, "m1")),
+    ("w8a8-am3-m4", "A", static(3, "m4")),
+    ("w8a8-am3-m4a", "A", static(3, "m4a")),
+]
+
+
+def sh(cmd: list[str], log: Path) -> tuple[int, float]:
+    t = time.time()
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        rc = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    return rc, time.time() - t
+
+
+def rel(p: Path) -> str:
+    return str(p.relative_to(ROOT))
+
+
+def last_error(log: Path) -> str:
+    lines = [l.strip() for l in log.read_text(errors="replace").splitlines() if l.strip()]
+    for line in reversed(lines):
+        if "error" in line.lower():
+            return line[:200]
+    return lines[-1][:200] if lines else "?"
+
+
+def run_one(name: str, text: str) -> dict:
+    """Quantize, verify, evaluate one configuration; return its result (also saved as JSON)."""
+    py = sys.executable
+    toml, out, js, log = (WORK / f"tab-{name}.toml", WORK / f"tab-{name}", WORK / f"tab-{name}.json",
+                          WORK / f"tab-{name}.log")
+    toml.write_text(text)
+    log.write_text("")
+    result: dict = {}
+    rc, t_run = sh([py, "-m", "streamq", "run", rel(toml), "--model", rel(MODEL), "--output", rel(out),
+                    "--restart"], log)
+    if rc != 0:
+        shutil.rmtree(out, ignore_errors=True)
+        return {"error": f"run failed (rc {rc}): {last_error(log)}", "seconds": {"run": t_run}}
+    rc_v, t_ver = sh([py, "-m", "streamq", "verify", rel(out)], log)
+    verify = "pass" if rc_v == 0 else f"FAIL: {last_error(log)}"
+    js.unlink(missing_ok=True)
+    rc, t_eval = sh([py, "-m", "streamq", "eval", "--reference", rel(MODEL), "--quantized", rel(out),
+                     "--samples", str(EVAL_SAMPLES), "--seq-len", str(EVAL_SEQ), "--json", rel(js)], log)
+    shutil.rmtree(out, ignore_errors=True)
+    if rc != 0 or not js.exists():
+        return {"error": f"eval failed (rc {rc}): {last_error(log)}", "verify": verify,
+                "seconds": {"run": t_run, "verify": t_ver, "eval": t_eval}}
+    result = json.loads(js.read_text())
+    result.update(verify=verify, seconds={"run": t_run, "verify": t_ver, "eval": t_eval}, recipe=text)
+    js.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+# --- tables ----------------------------------------------------------------------------------
+
+def fmt_row(label: str, r: dict | None, ref_ppl: float | None) -> str:
+    if r is None:
+        return f"| {label} | not run | | | | | |"
+    if "error" in r:
+        return f"| {label} | {r['error'].replace('|', '/')} | | | | {r.get('verify', '—')} | |"
+    ppl = r["ppl_quantized"]
+    delta = f"{(ppl / ref_ppl - 1) * 100:+.2f}%" if ref_ppl else "?"
+    secs = sum(r.get("seconds", {}).values())
+    return (f"| {label} | {ppl:.3f} | {delta} | {r['kl_mean']:.4f} | {r['top1_agreement'] * 100:.2f}% "
+            f"| {r.get('verify', '?')} | {secs:.0f} |")
+
+
+def write_md(results: dict[str, dict], started: str, note: str = "") -> None:
+    done = {k: v for k, v in results.items() if v and "error" not in v}
+    refs = {round(v["ppl_reference"], 6) for v in done.values()}
+    ref_ppl = next(iter(done.values()))["ppl_reference"] if done else None
+    tokens = next(iter(done.values()))["tokens"] if done else None
+    head = ["| config | ppl | Δ% vs float | KL mean | top-1 | verify | time (s) |", "|---|---|---|---|---|---|---|"]
+    float_row = (f"| float (bf16 reference) | {ref_ppl:.3f} | +0.00% | 0 | 100.00% | — | — |" if ref_ppl
+                 else "| float (bf16 reference) | not run | | | | | |")
+
+    def table(tag: str, with_float: bool) -> list[str]:
+        rows = [float_row] if with_float else []
+        rows += [fmt_row(label, results.get(name), ref_ppl) for name, tabs, (label, _) in CONFIGS if tag in tabs]
+        return head + rows
+
+    missing = [name for name, _, _ in CONFIGS if name not in done]
+    total = sum(sum(v.get("seconds", {}).values()) for v in results.values() if v)
+    md = [
+        "# streamq accuracy tables: SmolLM2-135M-Instruct",
+        "",
+        f"Date: {datetime.date.today().isoformat()} (started {started}). Model: `.cache/smollm2` "
+        "(SmolLM2-135M-Instruct, bf16 Llama safetensors). `lm_head` stays FLOAT in every config.",
+        "",
+        f"Evaluation: `streamq eval --samples {EVAL_SAMPLES} --seq-len {EVAL_SEQ}` on the Shakespeare plays in "
+        f"`.cache/shakespeare` (the evaluator's default: hamlet, macbeth, lear, othello), "
+        f"{tokens if tokens else EVAL_SAMPLES * (EVAL_SEQ - 1)} predicted tokens. Layer-streamed: each quantized "
+        "linear runs the consumer's integer math from the stored tensors. KL is KL(float ‖ quantized) per token "
+        "(nats); top-1 is agreement of the argmax with the float model.",
+        "",
+        f"Calibration (built-in prompts): {CALIB_FULL[0]} × {CALIB_FULL[1]} tokens for GPTQ and static-activation "
+        f"configs (W8A8, W8A8_MIX); {CALIB_FREE[0]} × {CALIB_FREE[1]} for MinMax/HQQ configs with dynamic or no "
+        "activation quantization, whose output does not depend on calibration. Quantization on CPU, batch 8, "
+        "fp32 compute, quantized propagation. Time = run + verify + eval wall seconds on a shared 2-core machine.",
+        "",
+    ]
+    if len(refs) > 1:
+        md += [f"**Warning**: the reference perplexity differs between runs: {sorted(refs)}.", ""]
+    md += ["## Table A: activation quantization", "",
+           "All W8A8 rows: int8 per-channel symmetric weights (MinMax); static rows quantize each linear input "
+           "per tensor, asymmetric, with the range from `act_method` (1 min-max, 2 histogram/MSE, 3 auto-mix). "
+           "Smoothing: m1 = SmoothQuant (α 0.5), m4 = iterative smoothing (α 0.9), symmetric or asymmetric "
+           "(channel-midpoint shift, `anti_symmetric = false`).", ""]
+    md += table("A", True)
+    md += ["", "## Table B: weight methods", "",
+           "W4A16 rows: int4, asymmetric groups (`w_sym = false`) along the input dimension; activations float. "
+           "W8A16 and W8A8_DYNAMIC: int8 per channel, symmetric. GPTQ uses `percdamp = 0.01`.", ""]
+    md += table("B", True)
+    md += ["", "## Reproduce", "", "```", ".venv/bin/python bench/tables.py            # resumes; --force reruns all",
+           "```", "",
+           "Per config it writes `bench/work/tab-<name>.toml` and runs:", "", "```",
+           ".venv/bin/python -m streamq run bench/work/tab-<name>.toml --model .cache/smollm2 "
+           "--output bench/work/tab-<name> --restart",
+           ".venv/bin/python -m streamq verify bench/work/tab-<name>",
+           f".venv/bin/python -m streamq eval --reference .cache/smollm2 --quantized bench/work/tab-<name> "
+           f"--samples {EVAL_SAMPLES} --seq-len {EVAL_SEQ} --json bench/work/tab-<name>.json", "```", "",
+           f"Total measured time of the runs in this table: {total / 60:.1f} min."]
+    if missing:
+        md += ["", f"**Missing** ({len(missing)}): " + ", ".join(f"`{m}`" for m in missing)
+               + (f". {note}" if note else "")]
+    md += ["", "Configuration names → recipes: " + ", ".join(f"`{n}`" for n, _, _ in CONFIGS)
+           + " (each recipe is in `bench/work/tab-<name>.toml` and in its JSON).", ""]
+    OUT_MD.write_text("\n".join(md))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--force", action="store_true", help="rerun configs whose JSON exists")
+    ap.add_argument("--only", nargs="*", help="run only these config names")
+    ap.add_argument("--budget-min", type=float, default=50.0,
+                    help="stop before a run that would push this invocation past this many minutes")
+    a = ap.parse_args()
+    if not (MODEL / "config.json").exists():
+        subprocess.check_call([sys.executable, "-m", "streamq.smollm2", rel(MODEL)], cwd=ROOT)
+    if not (ROOT / ".cache" / "shakespeare" / "shksprdata" / "texts").is_dir():
+        subprocess.check_call(["make", "data"], cwd=ROOT)
+    WORK.mkdir(parents=True, exist_ok=True)
+    started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    results: dict[str, dict] = {}
+    for name, _, _ in CONFIGS:
+        js = WORK / f"tab-{name}.json"
+        if js.exists() and not a.force:
+            results[name] = json.loads(js.read_text())
+    write_md(results, started)
+    t0, durations, note = time.time(), [], ""
+    todo = [(n, text) for n, _, (_, text) in CONFIGS
+            if (not a.only or n in a.only) and (a.force or n not in results)]
+    for i, (name, text) in enumerate(todo):
+        elapsed = time.time() - t0
+        estimate = max(durations) if durations else 0.0
+        if elapsed + estimate > a.budget_min * 60:
+            note = (f"Stopped after {elapsed / 60:.1f} min (budget {a.budget_min:.0f} min); "
+                    "rerun the command to resume.")
+            print(note, flush=True)
+            break
+        print(f"[{i + 1}/{len(todo)}] {name} ...", end=" ", flush=True)
+        t = time.time()
+        results[name] = r = run_one(name, text)
+        durations.append(time.time() - t)
+        if "error" in r:
+            print(f"{r['error']} ({durations[-1]:.0f} s)", flush=True)
+        else:
+            print(f"ppl {r['ppl_quantized']:.3f} (float {r['ppl_reference']:.3f}) KL {r['kl_mean']:.4f} "
+                  f"top-1 {r['top1_agreement'] * 100:.1f}% verify {r['verify']} ({durations[-1]:.0f} s: "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in r["seconds"].items()) + ")", flush=True)
+        write_md(results, started, note)
+    write_md(results, started, note)
+
+
+if __name__ == "__main__":
+    main()
