@@ -62,9 +62,9 @@ def run(recipe: Recipe, model_dir: Path, out_dir: Path, device_name: str, restar
     reader = CheckpointReader(model_dir)
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     arch = arch_for(config, reader)
-    if recipe.anti_method and not isinstance(arch, DenseArch):
-        raise StreamqError(f"anti-outlier smoothing is implemented for dense models, not {config.model_type}",
-                           "remove quant.anti_method / do_smooth for this model")
+    if (recipe.anti_method or recipe.use_kvcache_quant) and not isinstance(arch, DenseArch):
+        raise StreamqError(f"anti-outlier smoothing and KV cache C8 are implemented for dense models, "
+                           f"not {config.model_type}", "remove quant.anti_method / do_smooth / use_kvcache_quant")
     steps = arch.steps()
     for s in steps:
         check_shapes(s, reader.info)

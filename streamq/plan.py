@@ -15,7 +15,8 @@ from .checkpoint import FP8_SCALE_SUFFIX, CheckpointReader
 from .errors import StreamqError
 from .quant.schemes import SCHEMES, specs_for
 from .recipe import QuantArgs, Recipe
-from .smoothing import planned_tensors
+from .kvcache import planned_tensors as kv_tensors
+from .smoothing import planned_tensors as smoothing_tensors
 
 ROUTED_EXPERT = ".mlp.experts."
 STATIC_SCHEMES = ("W8A8", "W8A8_MIX", "W8A8S")
@@ -60,8 +61,9 @@ class Plan:
         present = {REPORTED_AS.get(t, t) for t in types.values()}
         # A DeepSeek W4A8 mix reports W8A8_DYNAMIC even beside static W8A8 MLA (MindIE requires it).
         top = "W8A8_DYNAMIC" if "W4A8_DYNAMIC" in types.values() else max(present, key=TYPE_PRIORITY.index)
-        return {"version": "1.0.0", "model_quant_type": top, "group_size": self.group_size(), "metadata": {},
-                **types}
+        kv = {"kv_cache_type": "C8", "kv_quant_type": "C8"} if "C8" in types.values() else {}
+        return {"version": "1.0.0", "model_quant_type": top, "group_size": self.group_size(), **kv,
+                "metadata": {}, **types}
 
     def config_extra(self, recipe: Recipe) -> dict:
         """Keys the output config.json gains: the recipe's, made true to what was written."""
@@ -121,13 +123,17 @@ def _outputs_of(step: Step, recipe: Recipe, reader: CheckpointReader, dt: torch.
     return out
 
 
-def _smoothing_outputs(step: Step, recipe: Recipe, dt: torch.dtype) -> list[OutTensor]:
-    if step.kind != "layer":
+def _created_outputs(step: Step, recipe: Recipe, dt: torch.dtype) -> list[OutTensor]:
+    """Tensors a dense layer gains that the source does not have: smoothing biases, C8 params."""
+    if step.kind != "layer" or f"model.layers.{step.index}.input_layernorm.weight" not in step.shapes:
         return []
     prefix = f"model.layers.{step.index}"
     hidden = step.shapes[f"{prefix}.input_layernorm.weight"][0]
-    return [OutTensor(name, sdt, shape, "FLOAT", name)
-            for name, sdt, shape in planned_tensors(recipe, prefix, step.shapes, hidden, dt)]
+    out = [OutTensor(name, sdt, shape, "FLOAT", name)
+           for name, sdt, shape in smoothing_tensors(recipe, prefix, step.shapes, hidden, dt)]
+    if recipe.use_kvcache_quant:
+        out += [OutTensor(name, sdt, shape, "C8", name) for name, sdt, shape in kv_tensors(prefix, step.shapes, dt)]
+    return out
 
 
 def _check_groups(args: dict[str, QuantArgs]) -> None:
@@ -155,7 +161,7 @@ def build_plan(recipe: Recipe, steps: list[Step], reader: CheckpointReader, dt: 
     _check_unclaimed(steps, reader)
     kept = [s for s in steps if not (s.kind == "mtp" and recipe.mtp == "drop")]
     dropped, steps = len(kept) < len(steps), kept
-    outputs = {s.key: tuple(_outputs_of(s, recipe, reader, dt, args) + _smoothing_outputs(s, recipe, dt))
+    outputs = {s.key: tuple(_outputs_of(s, recipe, reader, dt, args) + _created_outputs(s, recipe, dt))
                for s in steps}
     _check_groups(args)
     ordered = [t for s in steps for t in outputs[s.key]]

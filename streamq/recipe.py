@@ -40,7 +40,6 @@ MSMODELSLIM_SCHEMES = {
 # msModelSlim options that streamq knows but does not implement yet: accepted only at their
 # neutral value so that a recipe asking for them fails loudly instead of being ignored.
 NEUTRAL_OPTIONS = {
-    "use_kvcache_quant": False,
     "co_sparse": False,
     "is_lowbit": False,
     "use_sigma": False,
@@ -109,6 +108,7 @@ class Recipe:
     anti_symmetric: bool = True  # m4 only: false shifts by the channel midpoint (adds norm biases)
     act_method: int = 1          # static activation range: 1 min-max, 2 histogram (MSE), 3 auto-mix
     act_aggregate: str = "global"  # min-max over batches: "global" extremes or "mean" of per-batch
+    use_kvcache_quant: bool = False  # KV cache C8 (dense attention): per-channel K/V scale and offset
     config_extra: dict = field(default_factory=dict)  # keys added to the output config.json
     default: QuantArgs = QuantArgs()
     rules: tuple[Rule, ...] = ()
@@ -139,6 +139,7 @@ class Recipe:
                 "disable_last_linear": self.disable_last_linear,
                 "anti_method": self.anti_method, "alpha": self.alpha, "anti_symmetric": self.anti_symmetric,
                 "act_method": self.act_method, "act_aggregate": self.act_aggregate,
+                "use_kvcache_quant": self.use_kvcache_quant,
             },
             "calibration": dataclasses.asdict(self.calibration),
             "run": {"compute_dtype": self.run.compute_dtype, "propagate": self.run.propagate},
@@ -165,7 +166,7 @@ TABLE_KEYS = {
 }
 ARG_KEYS = {"scheme", "group_size", "w_method", "w_sym", "w_bit", "a_bit", "is_dynamic", "percdamp", "act_order"}
 QUANT_KEYS = ARG_KEYS | {"rules", "disable_names", "disable_last_linear", "anti_method", "do_smooth", "alpha",
-                         "anti_symmetric", "act_method", "act_aggregate"} | set(NEUTRAL_OPTIONS)
+                         "anti_symmetric", "act_method", "act_aggregate", "use_kvcache_quant"} | set(NEUTRAL_OPTIONS)
 ANTI_METHODS = ("", "m1", "m4")
 RULE_KEYS = ARG_KEYS | {"match"}
 
@@ -332,8 +333,9 @@ def _parse_anti(quant: dict, path: Path) -> dict:
                            "1 min-max, 2 histogram, 3 auto-mix")
     aggregate = _typed(quant.get("act_aggregate", "global"), str, "quant.act_aggregate", path)
     _check_choice(aggregate, ("global", "mean"), "quant.act_aggregate", path)
+    kv = _typed(quant.get("use_kvcache_quant", False), bool, "quant.use_kvcache_quant", path)
     return {"anti_method": method, "alpha": alpha, "anti_symmetric": symmetric, "act_method": act_method,
-            "act_aggregate": aggregate}
+            "act_aggregate": aggregate, "use_kvcache_quant": kv}
 
 
 def _check_choice(value: str, choices: tuple[str, ...], key: str, path: Path) -> None:

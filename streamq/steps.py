@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import faults
+from . import faults, kvcache
 from .arch.base import Step
 from .checkpoint import CheckpointReader
 from .errors import StreamqError
@@ -95,6 +95,9 @@ def step_layer(ctx: Context, step: Step, H):
     if ctx.recipe.anti_method:
         biases = smooth_layer(ctx.recipe, layer, forward, H, ctx.recipe.run.batch_size, ctx.device, ctx.cdt)
         raw = refreshed(raw, layer, prefix, biases)
+    if ctx.recipe.use_kvcache_quant:
+        raw = {**raw, **kvcache.calibrate(layer, forward, H, ctx.recipe.run.batch_size, ctx.device, ctx.cdt, prefix,
+                                          ctx.plan.model_dtype)}
     args = {n: ctx.plan.args[n] for n in step.linears}
     res = process_layer(layer, prefix, forward, H, args, step.groups, ctx.plan.model_dtype,
                         ctx.recipe.run.batch_size, ctx.device, ctx.cdt, ctx.recipe.run.propagate,

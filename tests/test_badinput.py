@@ -92,8 +92,8 @@ def test_unimplemented_option_is_an_error(tmp_path, sharded):
     run_and_expect(recipe, sharded, tmp_path / "out", "W8A8S", "not implemented")
     recipe = write_recipe(tmp_path / "r2.toml", SMALL_CAL + '[quant]\nanti_method = "m6"\n')
     run_and_expect(recipe, sharded, tmp_path / "out", "m6", "not implemented")
-    recipe = write_recipe(tmp_path / "r3.toml", SMALL_CAL + '[quant]\nuse_kvcache_quant = true\n')
-    run_and_expect(recipe, sharded, tmp_path / "out", "use_kvcache_quant", "not implemented")
+    recipe = write_recipe(tmp_path / "r3.toml", SMALL_CAL + '[quant]\nco_sparse = true\n')
+    run_and_expect(recipe, sharded, tmp_path / "out", "co_sparse", "not implemented")
 
 
 def test_group_size_must_divide(tmp_path, sharded):

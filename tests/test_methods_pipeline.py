@@ -78,3 +78,25 @@ def test_gptq_on_deepseek_experts(tmp_path):
     assert cli.main(["run", str(recipe), "--model", str(src), "--output", str(out), "--device", "cpu",
                      "--samples", "4", "--seq-len", "16"]) == 0
     assert cli.main(["verify", str(out)]) == 0
+
+
+def test_kv_cache_c8_parameters(tmp_path, model):
+    from streamq.calibration import token_ids
+    from streamq.checkpoint import CheckpointReader
+    out = run(tmp_path, model, "c8", '[quant]\nscheme = "W8A8_DYNAMIC"\nuse_kvcache_quant = true\n')
+    desc = json.loads((out / "quant_model_description.json").read_text())
+    assert desc["kv_cache_type"] == desc["kv_quant_type"] == "C8"
+    got = load_all(out)
+    # layer 0 sees the embeddings of the calibration ids: recompute its K range independently
+    src = CheckpointReader(model).load(["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight",
+                                        "model.layers.0.self_attn.k_proj.weight"])
+    ids = token_ids([], None, 128, 4, 16, 0)
+    h = src["model.embed_tokens.weight"].float()[ids]
+    x = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * src["model.layers.0.input_layernorm.weight"].float()
+    k = x @ src["model.layers.0.self_attn.k_proj.weight"].float().T
+    lo, hi = k.amin((0, 1)).clamp(max=0), k.amax((0, 1)).clamp(min=0)
+    s = ((hi - lo) / 255).to(torch.bfloat16)
+    assert desc["model.layers.0.self_attn.k_proj.kv_cache_scale"] == "C8"
+    assert torch.allclose(got["model.layers.0.self_attn.k_proj.kv_cache_scale"].float(), s.float(), rtol=1e-2)
+    o = got["model.layers.0.self_attn.k_proj.kv_cache_offset"].float()
+    assert torch.equal(o, torch.round(o)) and o.min() >= -128 and o.max() <= 127
