@@ -4,9 +4,9 @@ experts or dense MLP) once per layer, then the routed experts streamed in chunks
 A layer runs in two phases over the calibration states:
   base:    float pass (observing the base linears' inputs) → quantize base → quantized pass.
            Each pass keeps its MoE input x, the routing, and h1 + shared (the residual sum so far).
-  experts: per chunk of experts (sized to the device budget): load, add each expert's float
-           contribution to the float sum and its quantized contribution to the quantized sum,
-           write its tensors, free the chunk.
+  experts: per chunk of experts (sized by a memory budget, read ahead as a unit): for each
+           expert, add its float contribution to the float sum and its quantized contribution to
+           the quantized sum, write its tensors and free them.
 The attention of a batch is computed once per pass, never once per chunk.
 """
 from __future__ import annotations
@@ -63,7 +63,8 @@ def _run_base(ctx: Context, base, inputs, n_tokens_shape, moe: bool) -> BasePass
 
 
 def _expert_chunks(ctx: Context, step: Step) -> list[list[int]]:
-    """Experts per chunk: as many as the device budget holds (weights in the compute dtype)."""
+    """Experts per chunk, the unit read (and read ahead) from disk: as many as the budget holds
+    in the compute dtype. Each expert then goes to the device alone."""
     c = ctx.arch.config
     per_expert = 3 * c.hidden_size * c.moe_intermediate_size * torch.finfo(ctx.cdt).bits // 8
     chunk = max(1, int(ctx.recipe.run.expert_budget_gb * 1e9) // per_expert)
@@ -108,15 +109,19 @@ def _experts_phase(ctx: Context, step: Step, F: BasePass, Q: BasePass) -> dict:
         if c + 1 < len(chunks):
             prefetch_float(ctx, step, names_of[c + 1])
         raw = load_float(ctx, step, names)
-        quantized = {}
         for e in chunk:
             prefix = ctx.arch.expert_prefix(i, e)
+            own = [n for n in names if n.startswith(prefix + ".")]
             expert = ctx.arch.build_expert(i, e, raw, ctx.device, ctx.cdt)
             if _add_expert(F.out, expert, F, e, ctx) == 0:
                 unrouted.append(e)
-            quantized.update(_quantize_expert(ctx, step, expert, prefix, Q, e))
+            quantized = _quantize_expert(ctx, step, expert, prefix, Q, e)
             _add_expert(Q.out, expert, Q, e, ctx)
-        write_outputs(ctx, step, raw, quantized, names)
+            # Written (in plan order: expert by expert) and released at once, so the host holds
+            # one expert's quantized tensors, not a chunk's.
+            write_outputs(ctx, step, raw, quantized, own)
+            for n in own:
+                del raw[n]
         faults.point("expert-chunk-written")
     return {"experts_without_tokens": unrouted}
 

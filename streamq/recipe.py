@@ -93,7 +93,7 @@ class Run:
     batch_size: int = 8
     compute_dtype: str = "float32"
     propagate: str = "quantized"  # next layer sees the quantized ("quantized") or float output
-    expert_budget_gb: float = 8.0  # device memory for one chunk of routed experts' weights
+    expert_budget_gb: float = 8.0  # routed experts read per chunk (host memory; read ahead as a unit)
     read_ahead: bool = True        # read the next layer / expert chunk while this one computes
 
 
