@@ -58,7 +58,7 @@ def test_semantic_hash_ignores_run_keys():
 @pytest.mark.parametrize("text,needle", [
     ('[calibraton]\nsamples = 4\n', "did you mean 'calibration'"),
     ('[quant]\nscheme = 8\n', "must be str"),
-    ('[quant]\ndo_smooth = true\n', "not implemented"),
+    ('[quant]\nco_sparse = true\n', "not implemented"),
     ('[quant]\nscheme = "W8A8_DYNAMIC"\nw_sym = false\n', "only to W4A16"),
     ('[[quant.rules]]\nscheme = "FLOAT"\n', "no 'match'"),
     ('[[quant.rules]]\nmatch = "re:(("\n', "not a valid regex"),

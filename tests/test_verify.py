@@ -106,7 +106,8 @@ def write(out, T, D, dt=torch.bfloat16, shards=2, config=None, description=None)
     for f, ns in files.items():
         save_file({n: T[n].contiguous() for n in ns}, str(out / f))
     (out / "quant_model_description.json").write_text(json.dumps(
-        {"version": "1.0.0", "model_quant_type": "W8A8", "group_size": G, "metadata": {},
+        # a W4A8 mix reports W8A8_DYNAMIC even beside static W8A8 (FORMAT §2, §5)
+        {"version": "1.0.0", "model_quant_type": "W8A8_DYNAMIC", "group_size": G, "metadata": {},
          "kv_cache_type": "C8", "kv_quant_type": "C8", **D, **(description or {})}))
     dtype_name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dt]
     (out / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": dtype_name,
@@ -145,7 +146,7 @@ def test_main_verify_reports_ok_and_violations(tmp_path, capsys):
     out = build(tmp_path)
     assert main_verify(out) == 0
     text = capsys.readouterr().out
-    assert text.startswith("OK: ") and "model_quant_type=W8A8" in text
+    assert text.startswith("OK: ") and "model_quant_type=W8A8_DYNAMIC" in text
     (out / "config.json").unlink()
     assert main_verify(out) == 1
     text = capsys.readouterr().out
@@ -256,8 +257,8 @@ def test_truncated_shard(tmp_path):
 
 
 def test_wrong_model_quant_type(tmp_path):
-    assert_violation(build(tmp_path, description={"model_quant_type": "W8A8_DYNAMIC"}),
-                     "model_quant_type", "'W8A8'")
+    assert_violation(build(tmp_path, description={"model_quant_type": "W8A8"}),
+                     "model_quant_type", "'W8A8_DYNAMIC'")
 
 
 # --- further rules ------------------------------------------------------------------------------
