@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layerquant import run_batches
-from .smooth import ChannelObserver
+from .smoothing import channel_stats
 
 KV = ("self_attn.k_proj", "self_attn.v_proj")
 SUFFIXES = ("kv_cache_scale", "kv_cache_offset")
@@ -33,18 +32,9 @@ def kv_params(lo: torch.Tensor, hi: torch.Tensor, dt: torch.dtype) -> tuple[torc
 
 def calibrate(layer: nn.Module, forward, H, batch: int, device, cdt, prefix: str, dt) -> dict[str, torch.Tensor]:
     """Observe the K/V projection outputs, install their int8 round trip, return the tensors."""
-    observers = {sub: ChannelObserver() for sub in KV}
-    handles = [layer.get_submodule(sub).register_forward_hook(lambda m, a, y, o=observers[sub]: o.update(y))
-               for sub in KV]
-    try:
-        with torch.no_grad():
-            run_batches(forward, H, batch, device, cdt, None)
-    finally:
-        for h in handles:
-            h.remove()
+    stats = channel_stats(layer, forward, H, batch, device, cdt, inputs={}, outputs={sub: sub for sub in KV})
     out = {}
-    for sub, obs in observers.items():
-        st = obs.stats()
+    for sub, st in stats.items():
         s, o = kv_params(st.min.cpu(), st.max.cpu(), dt)
         out[f"{prefix}.{sub}.kv_cache_scale"], out[f"{prefix}.{sub}.kv_cache_offset"] = s, o
         sf, of = s.float().to(device), o.float().to(device)

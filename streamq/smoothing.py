@@ -35,10 +35,16 @@ def planned_tensors(recipe: Recipe, prefix: str, shapes: dict, hidden: int, dt: 
     return out
 
 
-def channel_stats(layer: nn.Module, forward, H: torch.Tensor, batch: int, device, cdt) -> dict:
-    observers = {key: ChannelObserver() for key in STAT_INPUTS}
-    handles = [layer.get_submodule(sub).register_forward_pre_hook(lambda m, a, o=observers[key]: o.update(a[0]))
-               for key, sub in STAT_INPUTS.items()]
+def channel_stats(layer: nn.Module, forward, H: torch.Tensor, batch: int, device, cdt,
+                  inputs: dict[str, str] = STAT_INPUTS, outputs: dict[str, str] | None = None) -> dict:
+    """Per-channel statistics (one calibration pass) of the inputs and/or outputs of submodules,
+    by key: `inputs`/`outputs` map key → submodule name."""
+    observers = {key: ChannelObserver() for key in [*inputs, *(outputs or {})]}
+    layer_sub = layer.get_submodule
+    handles = [layer_sub(sub).register_forward_pre_hook(lambda m, a, o=observers[key]: o.update(a[0]))
+               for key, sub in inputs.items()]
+    handles += [layer_sub(sub).register_forward_hook(lambda m, a, y, o=observers[key]: o.update(y))
+                for key, sub in (outputs or {}).items()]
     try:
         with torch.no_grad():
             run_batches(forward, H, batch, device, cdt, None)
