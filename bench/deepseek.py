@@ -14,10 +14,12 @@ samples attributed to the step that was running):
     E8         3 layers (1 dense + 2 MoE), 8 routed experts, calibration S x L, chunks of 4
     E8-tok     the same checkpoint, 4x the calibration tokens            (token scaling)
     E32        3 layers, 32 routed experts, chunks of 4
-    narrow-cN  a narrow FP8 checkpoint (hidden = expert width = 2048, 16 experts), chunks of 4, 8, 16:
-               host bytes per expert parameter held by a chunk (scale-free, so cheap to measure)
+    narrow-cN  a narrow FP8 checkpoint (hidden = expert width = 2048, 32 experts), chunks of 4, 8, 16:
+               host bytes per expert parameter held (scale-free, so cheap to measure)
 
-The machine is shared: absolute times are indicative, ratios are taken within one invocation.
+The machine is shared: absolute times are indicative, ratios are taken within one invocation, and
+per-step costs are also read as CPU seconds. About 16 min on 2 busy cores; --extras none skips the
+token and chunk runs (about 11 min). Each run records a hash of streamq's sources.
 
     .venv/bin/python bench/deepseek.py                   # everything -> bench/deepseek.md
     .venv/bin/python bench/deepseek.py --large 16        # 16 experts instead of 32
@@ -260,12 +262,13 @@ def run_quant(tag: str, ckpt: Path, recipe: Path, experts: int) -> dict:
 
 
 NARROW = 2048
+NARROW_EXPERTS = 32
 
 
 def chunk_check(a) -> dict:
     """Host bytes per expert parameter that a chunk holds: the MoE-step peak RSS of one narrow
     checkpoint quantized with chunks of 4, 8 and 16 experts, fitted linearly."""
-    ckpt, experts = WORK / "ckpt-narrow", 16
+    ckpt, experts = WORK / "ckpt-narrow", NARROW_EXPERTS
     cmd = [PY, "-m", "streamq", "synth", "deepseek-v3", "--out", str(ckpt), "--layers", "2", "--experts",
            str(experts), "--hidden", str(NARROW), "--moe-intermediate", str(NARROW), "--fp8", "--vocab", str(a.vocab)]
     print(f"[{time.strftime('%H:%M:%S')}] synth narrow", flush=True)
@@ -273,31 +276,45 @@ def chunk_check(a) -> dict:
         if subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode:
             sys.exit("narrow synth failed; see bench/work/deepseek/synth-narrow.log")
     per_expert = per_expert_bytes(NARROW, NARROW, a.dtype)
-    out = {"synth_cmd": cmdline(cmd), "params_per_expert": 3 * NARROW * NARROW, "runs": {}}
+    out = {"synth_cmd": cmdline(cmd), "params_per_expert": 3 * NARROW * NARROW, "runs": {}, "experts": experts}
     for chunk in (4, 8, 16):
         path = WORK / f"recipe-narrow-c{chunk}.toml"
         write_recipe(path, a.samples, a.seq_len, a.batch, a.dtype, budget_for(chunk, per_expert))
+        out["read_ahead"] = bool(getattr(load_recipe(path).run, "read_ahead", False))
         r = run_quant(f"narrow-c{chunk}", ckpt, path, experts)
         out["runs"][chunk] = {"cmd": r["cmd"], "moe_peak": r["moe_peak"], "moe_s": r["moe_s"],
-                              "ru_maxrss": r["ru_maxrss"]}
-    xs = [4, 8, 16]
-    ys = [out["runs"][c]["moe_peak"] for c in xs]
-    mx, my = sum(xs) / 3, sum(ys) / 3
-    out["slope"] = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    out["bytes_per_param"] = out["slope"] / out["params_per_expert"]
+                              "ru_maxrss": r["ru_maxrss"], "source": r["source"],
+                              "source_changed": r.get("source_changed", False)}
     shutil.rmtree(ckpt, ignore_errors=True)
     return out
 
 
+def held(chunk: int, experts: int, read_ahead: bool) -> int:
+    """Experts whose source a MoE step holds at once: its chunk, and the next one when read ahead."""
+    return min(experts, 2 * chunk if read_ahead else chunk)
+
+
+def chunk_fit(ch: dict) -> dict:
+    """Least-squares slope of the MoE-step peak RSS against the experts held."""
+    E, ra = ch.get("experts", 16), ch.get("read_ahead", True)
+    pts = [(held(int(c), E, ra), r["moe_peak"]) for c, r in ch["runs"].items()]
+    mx, my = sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)
+    var = sum((x - mx) ** 2 for x, _ in pts)
+    slope = sum((x - mx) * (y - my) for x, y in pts) / var if var else float("nan")
+    return {"slope": slope, "bytes_per_param": slope / ch["params_per_expert"], "points": pts,
+            "experts": E, "read_ahead": ra}
+
+
 def matmul_gflops(dtype: torch.dtype, seconds: float = 2.0) -> float:
-    """This machine's sustained matmul rate at an expert's shape (for the attention term only)."""
+    """GFLOP per CPU second of a matmul at an expert's shape (for the attention term only). Per CPU
+    second, like the step costs, so that other jobs on the machine do not lower it."""
     a, b = torch.randn(1024, 7168, dtype=dtype), torch.randn(7168, 2048, dtype=dtype)
     a @ b
-    n, t0 = 0, time.perf_counter()
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
         a @ b
         n += 1
-    return 2 * 1024 * 7168 * 2048 * n / (time.perf_counter() - t0) / 1e9
+    return 2 * 1024 * 7168 * 2048 * n / (time.process_time() - c0) / 1e9
 
 
 def benchmark(a) -> dict:
@@ -350,7 +367,7 @@ def benchmark(a) -> dict:
                 shutil.rmtree(p, ignore_errors=True)
             for p in [*WORK.glob("out-e*"), *WORK.glob("out-narrow*")]:
                 shutil.rmtree(p, ignore_errors=True)
-    res["matmul_gflops"] = matmul_gflops(CDTYPES[a.dtype])
+    res["matmul_gflops_cpu"] = matmul_gflops(CDTYPES[a.dtype])
     res["load_after"], res["total_s"] = os.getloadavg(), time.monotonic() - t_start
     (WORK / "runs.json").write_text(json.dumps(res, indent=1))
     return res
@@ -455,15 +472,16 @@ def project(res: dict, a) -> tuple[list, dict]:
         f"{c.intermediate_size}, vocab {c.vocab_size}", "DeepSeek-R1 config.json (= streamq.synth real widths)")
     row("calibration", f"{S} samples x {L} tokens = {T:,} tokens, batch_size {B}", "recipe deepseek_r1_w4a8.toml")
     row("input checkpoint (FP8)", f"{in_bytes / GB:.0f} GB", "streamq's tensor list for R1: linears 1 B/param + "
-        "fp32 128x128 block scales, embeddings / norms / router bf16 (brief's figure: 671 GB)")
+        "fp32 128x128 block scales, embeddings / norms / router bf16 (the round figure usually quoted: 671 GB)")
     row("output checkpoint", f"{out_bytes / GB:.0f} GB", "streamq.plan.build_plan on R1's tensor list with the "
-        "W4A8 recipe (brief's figure: ~370 GB)")
+        "W4A8 recipe (round estimate: ~370 GB)")
 
     # -- device --------------------------------------------------------------------------------
     cdt = 2
     base_moe = cdt * (r.mla() + r.shared()) + 4 * r.router()
     base_dense = cdt * (r.mla() + r.dense_mlp())
     base_mtp = base_moe + cdt * 2 * h * h
+    base_max = max(base_moe, base_mtp, base_dense)
     budget = float(tomllib.loads(RECIPE.read_text())["run"]["expert_budget_gb"])
     pe = per_expert_bytes(h, c.moe_intermediate_size, "bfloat16")
     chunk_n = min(E, int(budget * 1e9) // pe)
@@ -471,126 +489,136 @@ def project(res: dict, a) -> tuple[list, dict]:
     act = B * L * cdt * r.live_act_width()
     scores = B * c.num_attention_heads * L * L * 4
     expert_act = B * L * (cdt * h + 3 * cdt * c.moe_intermediate_size + 4 * h)
-    dev_sum = max(base_moe, base_mtp, base_dense) + chunk + act
-    dev_real = max(max(base_moe, base_mtp, base_dense) + act, chunk + expert_act)
+    dev_sum = base_max + chunk + act
+    dev_real = max(base_max + act, 2 * pe + expert_act)
     row("device: one layer's non-expert weights (bf16)",
         f"MoE {base_moe / GB:.2f} GB, MTP {base_mtp / GB:.2f} GB, dense {base_dense / GB:.2f} GB",
         f"2 B x (MLA {r.mla() / 1e6:.1f}M + shared expert {r.shared() / 1e6:.1f}M) + router {r.router() / 1e6:.2f}M "
         f"in fp32; MTP adds eh_proj 2h x h; dense layers: MLA + dense MLP {r.dense_mlp() / 1e6:.0f}M")
-    row("device: one chunk of experts", f"{chunk_n} experts = {chunk / GB:.2f} GB",
+    row("device: one chunk of experts (formula)", f"{chunk_n} experts = {chunk / GB:.2f} GB",
         f"chunk = floor(expert_budget_gb {budget:g} GB / (3 x {h} x {c.moe_intermediate_size} x 2 B = "
         f"{pe / 1e6:.1f} MB)) experts (moe._expert_chunks)")
     row("device: one calibration batch's activations", f"{act / GB:.2f} GB (+{scores / GB:.1f} GB if the "
         f"attention is not a fused kernel)",
         f"B x L x 2 B x {r.live_act_width():,} elements/token alive inside the MLA (2h input+norm, q_b out and "
         f"query H x 192 each, kv_b out H x 256, key H x 192, attention out H x 128); unfused: B x H x L^2 x 4 B "
-        f"scores; the expert phase needs only {expert_act / GB:.2f} GB")
-    row("**peak device memory**", f"**{dev_sum / GB:.1f} GB** (sum); {dev_real / GB:.1f} GB as the code "
-        f"schedules it; {card // GB} GB card: fits", "brief's formula: non-expert weights + one chunk + one "
-        "batch's activations. moe.py frees the base (weights and activations) before the expert chunks, so "
-        "the real peak is max(base + activations, chunk + expert batch)")
+        f"scores; an expert's token batch needs only {expert_act / GB:.2f} GB")
+    row("**peak device memory**", f"**{dev_sum / GB:.1f} GB** by the formula; {dev_real / GB:.1f} GB as "
+        f"moe.py schedules it; {card // GB} GB card: fits either way",
+        "formula: largest non-expert weights + one chunk + one batch's activations. The measured moe.py builds "
+        "each expert on the device alone (the chunk is the unit read from disk, kept on the host) and drops "
+        "the base before the experts, so its peak is max(base + activations, ~2 experts + an expert batch)")
     # -- host ----------------------------------------------------------------------------------
     hid = T * h * 4
     e_params = r.expert()
-    host_pred = e_params * (2 + 4) + out_bytes_per_expert(c)
-    host_per_expert = res["chunk"]["bytes_per_param"] * e_params if "chunk" in res else host_pred
-    chunk_host = chunk_n * host_per_expert
-    moe_host = 5 * hid + chunk_host
-    finish_host = 6 * hid
+    chunk_bpp = 2                                       # bf16 dequantized source per expert parameter held
+    measured_bpp = chunk_fit(res["chunk"])["bytes_per_param"] if "chunk" in res else None
+    ra = bool(getattr(load_recipe(RECIPE).run, "read_ahead", False))
+    bpp = max(chunk_bpp, measured_bpp or 0)
+    chunk_host = held(chunk_n, E, ra) * e_params * bpp
     emb32 = c.vocab_size * h * 4
+    mtp_base_host = base_mtp + 2 * 2 * c.vocab_size * h    # its base plus its own embed_tokens and head (bf16)
+    moe_host = 5 * hid + chunk_host + mtp_base_host      # the last MoE layer reads the MTP base ahead
+    finish_host = 6 * hid
     mtp_host = 7 * hid + emb32 + chunk_host
     mtp_finish = 8 * hid + emb32
-    commit = 2 * hid
     host_peak = max(moe_host, finish_host, mtp_host, mtp_finish)
     row("host: one copy of the hidden states", f"{hid / GB:.2f} GB", f"{S} x {L} x {h} x 4 B (fp32)")
     row("host: copies alive in a MoE layer", f"5 during the experts ({5 * hid / GB:.1f} GB), 6 at the end "
-        f"({finish_host / GB:.1f} GB)", "the input H (held by the pipeline loop), and per pass F and Q: out = h1 + "
-        "shared (fp32) and x = MoE input (fp32) (moe._run_base); moe._finish's (Q.out - F.out) is a 6th, "
-        "transient; the commit's safetensors save_file makes a 7th copy briefly, but after F and Q are freed")
-    row("host: copies alive in the MTP step", f"7 during the experts + embedding in fp32 ({emb32 / GB:.1f} GB); "
+        f"({finish_host / GB:.1f} GB)", "the input H (still held by the pipeline loop) and, per pass F and Q, "
+        "out = h1 + shared and x = the MoE input, all fp32 [S, L, h] (moe._run_base); moe._finish's "
+        "(Q.out - F.out) is a 6th, transient; the commit's safetensors save_file serializes one more copy, "
+        "after F and Q are freed")
+    row("host: copies alive in the MTP step", f"7 during the experts + the embedding in fp32 ({emb32 / GB:.1f} GB); "
         f"8 at the end", "moe.step_mtp adds h_main = norm(H[:, :-1]) and next_embeds = embed[ids[:, 1:]] (both "
-        "fp32, full size) and keeps model.embed_tokens as fp32 for the whole step")
-    row("host: one chunk of experts", f"{chunk_n} x {host_per_expert / 1e6:.0f} MB = {chunk_host / GB:.1f} GB",
-        "per expert: the dequantized source (bf16, 2 B/param) and each linear's Quantized.W_hat (fp32, 4 B/param) "
-        "plus its output tensors stay in moe._experts_phase's raw / quantized dicts until the chunk is "
-        "written" + (f"; measured: {res['chunk']['bytes_per_param']:.2f} B/param x {e_params / 1e6:.1f}M params = "
-                     f"{res['chunk']['bytes_per_param'] * e_params / 1e6:.0f} MB per expert (section 1)"
-                     if "chunk" in res else ""))
+        "fp32, full size) and holds model.embed_tokens as fp32 for the whole step")
+    row("host: expert chunks", f"{held(chunk_n, E, ra)} experts x {e_params / 1e6:.1f}M params x {bpp:.2f} B = "
+        f"{chunk_host / GB:.1f} GB", f"the chunk being quantized ({chunk_n} experts)"
+        + (" and the next one, read ahead (run.read_ahead)" if ra else "")
+        + f", dequantized to bf16: {chunk_bpp} B per expert parameter held"
+        + (f" (measured {measured_bpp:.2f} B/param, section 1; the larger is used)" if measured_bpp else "")
+        + "; each expert is written and freed as soon as it is quantized")
     row("**peak host RAM**", f"**{host_peak / GB:.0f} GB** (MTP step); MoE layer {max(moe_host, finish_host) / GB:.0f} "
-        f"GB", f"MoE: 5 x hidden + chunk = {moe_host / GB:.1f} GB; MTP: 7 x hidden + fp32 embedding + chunk = "
-        f"{mtp_host / GB:.1f} GB, at its end 8 x hidden + embedding = {mtp_finish / GB:.1f} GB; commit: "
-        f"{commit / GB:.0f} GB")
+        f"GB", f"MoE: 5 x hidden + chunks + the next step's base read ahead (at most the MTP base with its bf16 "
+        f"embedding and head, {mtp_base_host / GB:.1f} GB) = {moe_host / GB:.1f} GB; MTP: 7 x hidden + fp32 "
+        f"embedding + chunks = {mtp_host / GB:.1f} GB, at its end 8 x hidden + embedding = {mtp_finish / GB:.1f} GB")
 
-    # -- time ----------------------------------------------------------------------------------
+    # -- time (CPU seconds: the machine is shared, and CPU time is what the work itself costs) --
     runs = res["runs"]
     e8, eL = runs[f"e{a.small}"], runs[f"e{a.large}"]
     t_meas = a.samples * a.seq_len
-    c_exp = (eL["moe_s"] - e8["moe_s"]) / (a.large - a.small)
-    base8 = e8["moe_s"] - a.small * c_exp
+    c_exp = (eL["moe_cpu"] - e8["moe_cpu"]) / (a.large - a.small)
+    c_exp_wall = (eL["moe_s"] - e8["moe_s"]) / (a.large - a.small)
+    base8 = e8["moe_cpu"] - a.small * c_exp
     tok = runs.get(f"e{a.small}-tok")
-    gf = res["matmul_gflops"]
+    gf = res["matmul_gflops_cpu"]                       # GFLOP per CPU second
     flops_moe = 2 * 2 * (r.mla() + r.shared() + r.router() + k * r.expert()) + 2 * r.attn_core_flops(L)
     flops_dense = 2 * 2 * (r.mla() + r.dense_mlp()) + 2 * r.attn_core_flops(L)
     if tok:
         t_tok = tok["calib_samples"] * tok["calib_seq_len"]
-        tau_moe = max(0.0, (tok["moe_s"] - e8["moe_s"]) / (t_tok - t_meas))
-        tau_dense = max(0.0, (tok["dense_s"] - e8["dense_s"]) / (t_tok - t_meas))
+        tau_moe = max(0.0, (tok["moe_cpu"] - e8["moe_cpu"]) / (t_tok - t_meas))
+        tau_dense = max(0.0, (tok["dense_cpu"] - e8["dense_cpu"]) / (t_tok - t_meas))
         l_meas = tok["calib_seq_len"]
     else:  # from FLOPs at the measured length and this machine's matmul rate (a lower bound: no overheads)
         l_meas = a.seq_len
         tau_moe = (flops_moe - 2 * r.attn_core_flops(L) + 2 * r.attn_core_flops(l_meas)) / (gf * 1e9)
         tau_dense = (flops_dense - 2 * r.attn_core_flops(L) + 2 * r.attn_core_flops(l_meas)) / (gf * 1e9)
-    w_moe = base8 - t_meas * tau_moe
-    w_dense = e8["dense_s"] - t_meas * tau_dense
-    attn_extra = 2 * (r.attn_core_flops(L) - r.attn_core_flops(l_meas)) / (gf * 1e9)   # 2 passes, s/token
-    n_moe_like = n_moe + 1                                                             # the MTP layer
-    cpu_weight = n_dense * w_dense + n_moe_like * (w_moe + E * c_exp)
+    w_moe = max(0.0, base8 - t_meas * tau_moe)
+    w_dense = max(0.0, e8["dense_cpu"] - t_meas * tau_dense)
+    cores = a_cores()
+    attn_extra = 2 * (r.attn_core_flops(L) - r.attn_core_flops(l_meas)) / (gf * 1e9)          # CPU s/token
+    n_moe_like = n_moe + 1                                                                     # + the MTP layer
+    cpu_weight = n_dense * w_dense + n_moe_like * (w_moe + E * c_exp)                          # CPU seconds
     cpu_token = T * (n_dense * (tau_dense + attn_extra) + n_moe_like * (tau_moe + attn_extra))
     flops = T * (n_dense * flops_dense + n_moe_like * flops_moe)
     acc_token = flops / (acc_tflops * 1e12)
     xfer = n_moe_like * 2 * T * (k * (2 * h + 4 * h) + 3 * 4 * h) / pcie
-    acc_weight = cpu_weight * a_cores() / host_cores
+    host_weight = cpu_weight / host_cores
     acts_written = (n_dense + n_moe + 1 + 2) * hid
-    disk_brief = (671 + 370) * GB / disk_bw
-    disk = (in_bytes + out_bytes + acts_written) / disk_bw
+    disk_round = (671 + 370) * GB / disk_bw
+    read_s, write_s = in_bytes / disk_bw, (out_bytes + acts_written) / disk_bw
     hr = 3600
-    row("measured: per-expert cost", f"{c_exp:.2f} s/expert (2 cores)", f"(MoE layer s, E{a.large} - E{a.small}) / "
-        f"{a.large - a.small}: load FP8 + dequantize + quantize W4A8 + write, independent of tokens (top-{k} "
-        f"routing gives every token {k} expert evaluations whatever E is)")
-    row("measured: MoE base, dense layer (token-independent part)", f"{w_moe:.1f} s, {w_dense:.1f} s",
-        f"MoE layer(E{a.small}) - {a.small} x per-expert - {t_meas} tokens x per-token; dense likewise")
-    row(("measured: " if tok else "") + "per-token cost (2 cores)", f"MoE {tau_moe * 1e3:.2f} ms, dense {tau_dense * 1e3:.2f} ms per token "
-        f"per layer", f"(layer s at {tok['calib_samples']} x {l_meas} tokens - at {a.samples} x {a.seq_len}) / token "
-        f"difference (E{a.small}-tok vs E{a.small})" if tok else "not measured (no tok run): forward FLOPs per token "
-        "(2 passes) / this machine's matmul rate, a lower bound (ignores fake-quant, norms, index_add)")
-    row("measured: CPU matmul rate", f"{gf:.0f} GFLOP/s ({a.dtype})", "torch matmul 1024x7168 @ 7168x2048 on this "
-        f"machine; used only for the attention's growth from L={l_meas} to L={L}: "
-        f"{attn_extra * 1e3:.2f} ms/token/layer")
-    row("disk time (brief's sizes)", f"{disk_brief / hr:.2f} h", "(671 GB read + 370 GB written) / 3 GB/s")
-    row("disk time (this plan's sizes + activation store)", f"{disk / hr:.2f} h",
+    row("measured: per-expert cost", f"{c_exp:.2f} CPU s/expert ({c_exp_wall:.2f} s wall)",
+        f"(MoE layer CPU s, E{a.large} - E{a.small}) / {a.large - a.small}: read FP8 + dequantize + quantize "
+        f"W4A8 + write, independent of tokens (top-{k} routing gives every token {k} expert evaluations whatever "
+        f"E is); CPU s = user + system of all the child's threads during the step")
+    row("measured: token-independent part of a MoE base / dense layer", f"{w_moe:.1f} / {w_dense:.1f} CPU s",
+        f"MoE layer(E{a.small}) - {a.small} x per-expert - {t_meas} tokens x per-token; dense likewise (floored at 0)")
+    row(("measured: " if tok else "") + "per-token cost", f"MoE {tau_moe * 1e3:.2f}, dense {tau_dense * 1e3:.2f} "
+        f"CPU ms per token per layer", f"(layer CPU s at {tok['calib_samples']} x {l_meas} tokens - at {a.samples} x "
+        f"{a.seq_len}) / token difference (E{a.small}-tok vs E{a.small})" if tok else "not measured (no tok run): "
+        "forward FLOPs per token (2 passes) / this machine's matmul rate, a lower bound (ignores fake-quant, norms, "
+        "index_add)")
+    row("measured: CPU matmul rate", f"{gf:.0f} GFLOP per CPU second ({a.dtype})", "torch matmul 1024x7168 @ "
+        f"7168x2048 here; used for the attention's growth from L={l_meas} to L={L}: "
+        f"{attn_extra * 1e3:.2f} CPU ms/token/layer")
+    row("disk time (round sizes)", f"{disk_round / hr:.2f} h", "(671 GB read + 370 GB written) / 3 GB/s")
+    row("disk time (this plan's sizes + activation store)", f"{(read_s + write_s) / hr:.2f} h",
         f"({in_bytes / GB:.0f} GB read + {out_bytes / GB:.0f} GB written + {acts_written / GB:.0f} GB of hidden "
         f"states: the pipeline fsyncs one {hid / GB:.1f} GB copy per step, {n_dense + n_moe + 3} steps) / 3 GB/s")
-    row("compute, CPU only (upper bound)", f"{(cpu_weight + cpu_token) / hr:.0f} h (weights {cpu_weight / hr:.1f} h "
-        f"+ tokens {cpu_token / hr:.0f} h)", f"{n_dense} x (dense fixed + T x per-token) + {n_moe_like} x (MoE "
-        f"fixed + {E} x per-expert + T x per-token), T = {T:,}; the MTP layer costed as a MoE layer; 2 cores "
-        "of this shared machine")
-    row("compute on the card: forward passes", f"{acc_token / hr:.2f} h ({flops / 1e15:.1f} PFLOP)",
-        f"assumed {acc_tflops:g} TFLOP/s sustained bf16 (about a third of the ~300 TFLOP/s peak of a 64 GB "
-        f"Ascend 910B-class card); FLOPs = 2 passes x 2 x (MLA + shared + router + {k} experts) per token + "
-        f"causal attention, x T x layers; host<->card copies of expert inputs/outputs at an assumed "
-        f"{pcie / GB:g} GB/s: {xfer / hr:.2f} h")
-    row("compute on the card: weight processing on the host", f"{acc_weight / hr:.1f} h ({cpu_weight / hr:.1f} h "
-        f"on 2 cores)", f"streamq dequantizes FP8 (checkpoint.load_weight) and quantizes (layerquant."
-        f"quantize_linears: .float().cpu()) on the host CPU whatever the device; assumed a {host_cores}-core "
-        f"host scaling linearly from the measured 2 cores")
-    total = disk + acc_token + xfer + acc_weight
-    row("**hours, one 64 GB card + 3 GB/s disk**", f"**{total / hr:.1f} h** (disk {disk / hr:.2f} + card "
-        f"{(acc_token + xfer) / hr:.2f} + host {acc_weight / hr:.1f}); {(disk + acc_token + xfer + cpu_weight) / hr:.1f}"
-        f" h with a 2-core host", "the steps run load -> compute -> write one after another (no overlap), so "
-        f"the parts add; the dominant term is the per-expert host work x {n_moe_like * E:,} experts")
+    row("compute, CPU only (upper bound)", f"{(cpu_weight + cpu_token) / cores / hr:.0f} h on {cores} cores "
+        f"(weights {cpu_weight / cores / hr:.1f} h + tokens {cpu_token / cores / hr:.0f} h)",
+        f"[{n_dense} x (dense fixed + T x per-token) + {n_moe_like} x (MoE fixed + {E} x per-expert + T x "
+        f"per-token)] CPU s / {cores} cores, T = {T:,}; the MTP layer costed as a MoE layer")
+    row("compute on the card: forward passes", f"{acc_token / hr:.2f} h ({flops / 1e15:.1f} PFLOP) + copies "
+        f"{xfer / hr:.2f} h", f"assumed {acc_tflops:g} TFLOP/s sustained bf16 (about a third of the ~300 TFLOP/s "
+        f"peak of a 64 GB Ascend 910B-class card); FLOPs = 2 passes x 2 x (MLA + shared + router + {k} experts) "
+        f"per token + causal attention, x T x layers; expert inputs/outputs cross host<->card at an assumed "
+        f"{pcie / GB:g} GB/s")
+    row("compute on the card: weight processing on the host", f"{host_weight / hr:.1f} h on {host_cores} cores "
+        f"({cpu_weight / cores / hr:.1f} h on {cores})", f"streamq dequantizes FP8 (checkpoint.load_weight) and "
+        f"quantizes (layerquant.quantize_linears: .float().cpu()) on the host CPU whatever the device; "
+        f"{cpu_weight / hr:.1f} CPU hours, assumed to spread over a {host_cores}-core host")
+    compute = acc_token + xfer + host_weight
+    total = max(read_s, compute) + write_s
+    row("**hours, one 64 GB card + 3 GB/s disk**", f"**{total / hr:.1f} h** = max(read {read_s / hr:.2f}, "
+        f"compute {compute / hr:.2f}) + writes {write_s / hr:.2f}; {(max(read_s, compute - host_weight + cpu_weight / cores) + write_s) / hr:.1f} h "
+        f"with a {cores}-core host", "reads overlap compute (read-ahead of the next layer and chunk); writes and "
+        f"their fsyncs are on the main thread; the dominant term is the per-expert host work x "
+        f"{n_moe_like * E:,} experts")
     summary = {"in_bytes": in_bytes, "out_bytes": out_bytes, "dev_sum": dev_sum, "dev_real": dev_real,
-               "host_peak": host_peak, "chunk_n": chunk_n, "host_per_expert": host_pred,
-               "c_exp": c_exp, "hours_total": total / hr, "hours_cpu": (cpu_weight + cpu_token) / hr}
+               "host_peak": host_peak, "chunk_n": chunk_n, "chunk_bpp": chunk_bpp, "c_exp": c_exp,
+               "c_exp_wall": c_exp_wall, "hours_total": total / hr}
     return rows, summary
 
 
@@ -640,58 +668,65 @@ def markdown(res: dict, rows: list, summary: dict, a) -> str:
              "Peak RSS is measured outside streamq: `ru_maxrss` of the `streamq run` child (wait4), and psutil polled "
              "every 20 ms, each sample attributed to the step running at the time (a step = load, compute, "
              "write, commit). streamq's own `peak_rss` is the process high-water mark so far, so it cannot show a "
-             "later step's peak below an earlier one.", "",
+             "later step's peak below an earlier one. CPU seconds (user + system, all threads of the child, "
+             "from /proc/PID/stat) are read by the same poll; they are less disturbed by other jobs than wall "
+             "seconds, so the per-expert and per-token costs below use them.", "",
+             f"streamq source measured: `{src_line(res)}`.", "",
              "## 1. Host RSS and time against routed-expert count", ""]
     lines += ["| run | routed experts | checkpoint | peak RSS (ru_maxrss) | peak RSS (20 ms poll) | peak RSS "
-              "in MoE steps | dense layer s | MoE layer s (mean of 2) | per expert (MoE s / E) | wall s |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "in MoE steps | dense layer s (CPU s) | MoE layer s (CPU s), mean of 2 | per expert: MoE s / E "
+              "(CPU s / E) | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for tag in (f"e{a.small}", f"e{a.large}"):
         r = runs[tag]
         size = res["synth"][str(r["experts"])]["bytes"]
         lines.append(f"| E{r['experts']} | {r['experts']} | {size / GB:.2f} GB | {fmt_mib(r['ru_maxrss'])} MiB | "
-                     f"{fmt_mib(r['poll_peak'])} MiB | {fmt_mib(r['moe_peak'])} MiB | {r['dense_s']:.1f} | "
-                     f"{r['moe_s']:.1f} | {r['moe_s'] / r['experts']:.2f} s | {r['wall']:.0f} |")
+                     f"{fmt_mib(r['poll_peak'])} MiB | {fmt_mib(r['moe_peak'])} MiB | {r['dense_s']:.1f} "
+                     f"({r['dense_cpu']:.1f}) | {r['moe_s']:.1f} ({r['moe_cpu']:.1f}) | {r['moe_s'] / r['experts']:.2f} "
+                     f"({r['moe_cpu'] / r['experts']:.2f}) | {r['wall']:.0f} |")
     ratio = eL["ru_maxrss"] / e8["ru_maxrss"]
     ratio_moe = eL["moe_peak"] / e8["moe_peak"]
     lines += ["", f"- **RSS(E{a.large}) / RSS(E{a.small}) = {ratio:.3f}** (whole run, ru_maxrss; target < "
               f"{RSS_TARGET:.2f}: {'met' if ratio < RSS_TARGET else 'NOT met'}); {eL['poll_peak'] / e8['poll_peak']:.3f} "
               f"by polling; **{ratio_moe:.3f} for the MoE steps alone** (the whole-run peak is the dense layer 0 in "
               "both runs, which hides the MoE steps: this ratio is the one that tests streaming).",
-              f"- MoE layer time E{a.large} / E{a.small} = {eL['moe_s'] / e8['moe_s']:.2f} for {a.large / a.small:.0f}x "
-              f"the experts; marginal cost {summary['c_exp']:.2f} s per expert ((MoE s E{a.large} - E{a.small}) / "
-              f"{a.large - a.small}); one chunk of {CHUNK} experts ~ {CHUNK * summary['c_exp']:.1f} s.",
+              f"- MoE layer time E{a.large} / E{a.small} = {eL['moe_s'] / e8['moe_s']:.2f} wall, "
+              f"{eL['moe_cpu'] / e8['moe_cpu']:.2f} CPU, for {a.large / a.small:.0f}x the experts; marginal cost "
+              f"{summary['c_exp']:.2f} CPU s ({summary['c_exp_wall']:.2f} s wall) per expert ((MoE layer E{a.large} - "
+              f"E{a.small}) / {a.large - a.small}); one chunk of {CHUNK} experts ~ {CHUNK * summary['c_exp']:.1f} CPU s.",
               ""]
     for tag, r in runs.items():
         extra = {"base": "", "tok": f", {r['calib_samples']} x {r['calib_seq_len']} calibration tokens",
                  }[r["variant"]]
         lines += [f"### {tag.upper()} per step ({r['experts']} experts{extra})", "",
                   f"`{r['cmd']}`", "",
-                  "| step | seconds | peak RSS while it ran (poll) | of which mapped file pages | RSS at its end "
-                  "(report) | rel. error | experts without tokens |", "|---|---|---|---|---|---|---|"]
+                  "| step | seconds | CPU s | peak RSS while it ran (poll) | of which mapped file pages | RSS at its "
+                  "end (report) | rel. error | experts without tokens |", "|---|---|---|---|---|---|---|---|"]
         for s in r["steps"]:
             err = f"{s['rel_error']:.3f}" if s.get("rel_error") is not None else ""
             unr = "" if s.get("experts_without_tokens") is None else str(s["experts_without_tokens"])
-            lines.append(f"| {s['step']} | {s['seconds']:.1f} | {fmt_mib(r['step_peak'].get(s['step'], 0))} MiB | "
+            lines.append(f"| {s['step']} | {s['seconds']:.1f} | {r.get('step_cpu', {}).get(s['step'], 0):.1f} | "
+                         f"{fmt_mib(r['step_peak'].get(s['step'], 0))} MiB | "
                          f"{fmt_mib(r.get('step_file', {}).get(s['step'], 0))} MiB | {fmt_mib(s['rss'])} MiB | "
                          f"{err} | {unr} |")
         lines.append("")
     ch = res.get("chunk")
     if ch:
-        pred = summary["host_per_expert"] / (3 * 7168 * 2048)
+        pred, fit = summary["chunk_bpp"], chunk_fit(ch)
         lines += ["### Host memory held per expert of a chunk", "",
-                  f"A narrow FP8 checkpoint (2 layers, hidden = expert width = {NARROW}, 16 experts; "
-                  f"`{ch['synth_cmd']}`) quantized with chunks of 4, 8 and 16 experts:", "",
-                  "| experts per chunk | peak RSS of the MoE step | MoE layer s | command |", "|---|---|---|---|"]
-        for c, r in ch["runs"].items():
-            lines.append(f"| {c} | {fmt_mib(r['moe_peak'])} MiB | {r['moe_s']:.1f} | `{r['cmd']}` |")
-        lines += ["", f"Slope {ch['slope'] / 1e6:.1f} MB per expert of {ch['params_per_expert'] / 1e6:.1f}M params = "
-                  f"**{ch['bytes_per_param']:.2f} B per expert parameter** held on the host while its chunk is "
-                  f"processed; predicted from moe.py {pred:.2f} B/param (the dequantized bf16 source, 2 B, and "
-                  "each linear's fp32 `Quantized.W_hat`, 4 B, both kept until the chunk is written, plus the "
-                  "outputs). At R1's widths that is "
-                  f"{ch['bytes_per_param'] * 3 * 7168 * 2048 / 1e6:.0f} MB per expert, and the chunk is sized by the "
-                  f"device budget alone: R1's recipe (expert_budget_gb 8) puts {summary['chunk_n']} experts in a "
-                  "chunk.", ""]
+                  f"A narrow FP8 checkpoint (2 layers, hidden = expert width = {NARROW}, {fit['experts']} experts; "
+                  f"`{ch['synth_cmd']}`) quantized with chunks of 4, 8 and 16 experts. Experts held at once = the "
+                  "chunk" + (" plus the next one, read ahead (run.read_ahead), at most all of the layer's"
+                             if fit["read_ahead"] else "") + ":", "",
+                  "| experts per chunk | experts held | peak RSS of the MoE step | MoE layer s | command |",
+                  "|---|---|---|---|---|"]
+        for (c, r), (x, _) in zip(ch["runs"].items(), fit["points"]):
+            lines.append(f"| {c} | {x} | {fmt_mib(r['moe_peak'])} MiB | {r['moe_s']:.1f} | `{r['cmd']}` |")
+        lines += ["", f"Slope {fit['slope'] / 1e6:.1f} MB per expert held, of {ch['params_per_expert'] / 1e6:.1f}M "
+                  f"params = **{fit['bytes_per_param']:.2f} B per expert parameter**; predicted from moe.py "
+                  f"{pred} B/param (the bf16 dequantized source; each expert's quantized tensors are written and "
+                  "freed at once, and the chunk's sources are released expert by expert). At R1's widths that is "
+                  f"{fit['bytes_per_param'] * 3 * 7168 * 2048 / 1e6:.0f} MB per expert held; expert_budget_gb sizes "
+                  f"the chunk: R1's recipe (8 GB) puts {summary['chunk_n']} experts in a chunk.", ""]
     lines += ["## 2. Projection: DeepSeek-R1 671B on one 64 GB card with a 3 GB/s disk", "",
               "Every size below comes from R1's config widths; the input and output sizes come from streamq's own "
               "plan (streamq.plan.build_plan) over the tensor list of an R1-shaped FP8 checkpoint; the times "
@@ -714,6 +749,16 @@ def markdown(res: dict, rows: list, summary: dict, a) -> str:
               + "; ".join(f"`{v[0]}` = {v[1]} x {v[2]} tokens, chunks of {v[3]}" for v in res["recipes"].values())
               + ".", ""]
     return "\n".join(lines)
+
+
+def src_line(res: dict) -> str:
+    seen = sorted({r.get("source", "?") for r in res["runs"].values()}
+                  | {r.get("source", "?") for r in res.get("chunk", {}).get("runs", {}).values()})
+    changed = any(r.get("source_changed") for r in [*res["runs"].values(),
+                                                    *res.get("chunk", {}).get("runs", {}).values()])
+    note = "" if len(seen) == 1 and not changed else \
+        " -- CHANGED while the benchmark ran: the runs measured different code; rerun before comparing"
+    return f"sha256[:12] of streamq/**/*.py + the recipe = {', '.join(seen)}{note}"
 
 
 def repro(a) -> str:
@@ -752,6 +797,8 @@ def main() -> int:
     a.extras = [] if a.extras == "none" else a.extras.split(",")
     if a.project_only:
         res = json.loads((WORK / "runs.json").read_text())
+        if "matmul_gflops_cpu" not in res:                  # runs.json of an older version of this script
+            res["matmul_gflops_cpu"] = matmul_gflops(CDTYPES[res["args"]["dtype"]])
         for key in ("small", "large", "vocab", "samples", "seq_len", "batch", "dtype", "mtp", "extras"):
             setattr(a, key, res["args"][key])
     else:

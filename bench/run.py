@@ -435,7 +435,31 @@ def smollm2(sizes: Sizes) -> Row:
     return row
 
 
-ROWS = {"rss_depth": rss_depth, "throughput": throughput, "smollm2": smollm2}
+def eval_rss(sizes: Sizes) -> Row:
+    """`streamq eval` keeps one layer of each model resident: its peak RSS must not grow with depth."""
+    row = Row("eval_rss")
+    recipe = synthetic_recipe(sizes)
+    peaks = {}
+    for layers in (sizes.shallow, sizes.deep):
+        model = synthetic_checkpoint(sizes, layers)
+        out = WORK / "out" / f"{model.name}-eval"
+        quantize = [PYTHON, "-m", "streamq", "run", recipe, "--model", model, "--output", out, "--restart",
+                    "--device", "cpu"]
+        measure(quantize, WORK / "logs" / f"{out.name}-run.log")
+        argv = [PYTHON, "-m", "streamq", "eval", "--reference", model, "--quantized", out,
+                "--samples", str(sizes.samples), "--seq-len", str(sizes.seq_len)]
+        print(f"  $ {command_line(argv)}", flush=True)
+        peaks[layers] = measure(argv, WORK / "logs" / f"{out.name}.log")["peak_rss_bytes"]
+        row.commands += [command_line(quantize), command_line(argv)]
+        row.add(f"eval peak RSS, {layers} layers", mib(peaks[layers]))
+        shutil.rmtree(out)
+    ratio = peaks[sizes.deep] / peaks[sizes.shallow]
+    row.add(f"eval peak RSS ratio {sizes.deep}/{sizes.shallow} layers", f"{ratio:.3f}",
+            f"target ≤ {RSS_DEPTH_TARGET:.2f}: {'met' if ratio <= RSS_DEPTH_TARGET else 'MISSED'}")
+    return row
+
+
+ROWS = {"rss_depth": rss_depth, "throughput": throughput, "smollm2": smollm2, "eval_rss": eval_rss}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -57,8 +58,19 @@ def _log_step(bar, step: Step, stats: dict) -> None:
     bar.write(f"{step.key:>10}: {stats['seconds']:.2f}s peak_rss={stats['peak_rss'] / 2**20:.0f}MiB{dev_peak}{err}")
 
 
-def run(recipe: Recipe, model_dir: Path, out_dir: Path, device_name: str, restart: bool = False) -> Path:
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+@dataclass(frozen=True)
+class Prepared:
+    """Everything a run decides before touching the output folder."""
+    reader: CheckpointReader
+    config: object
+    arch: object
+    plan: object
+    ids: torch.Tensor
+    state: dict
+
+
+def prepare(recipe: Recipe, model_dir: Path) -> Prepared:
+    """Read headers and config, plan every output tensor, tokenize the calibration set."""
     reader = CheckpointReader(model_dir)
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     arch = arch_for(config, reader)
@@ -69,22 +81,27 @@ def run(recipe: Recipe, model_dir: Path, out_dir: Path, device_name: str, restar
     for s in steps:
         check_shapes(s, reader.info)
     plan = build_plan(recipe, steps, reader, model_dtype(config, reader))
-    steps = list(plan.steps)
     ids = calibration_ids(recipe, model_dir, config)
     state = {"recipe": recipe.semantic(), "input": reader.fingerprint(), "calibration": calibration.fingerprint(ids)}
-    planned = plan.shard_names() + [INDEX_NAME, DESCRIPTION_NAME, REPORT, "streamq_report.md", "config.json"] \
-        + [p.name for p in small_files(model_dir)]
+    return Prepared(reader, config, arch, plan, ids, state)
+
+
+def run(recipe: Recipe, model_dir: Path, out_dir: Path, device_name: str, restart: bool = False) -> Path:
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    p = prepare(recipe, model_dir)
+    planned = p.plan.shard_names() + [INDEX_NAME, DESCRIPTION_NAME, REPORT, "streamq_report.md", "config.json"] \
+        + [f.name for f in small_files(model_dir)]
     folder = OutputFolder(out_dir, planned)
-    if not restart and not (folder.work / "state.json").exists() and folder.complete_state() == state:
+    if not restart and not (folder.work / "state.json").exists() and folder.complete_state() == p.state:
         log.info("%s already holds the completed output of this recipe; nothing to do", out_dir)
         return out_dir
-    resuming = folder.prepare(state, restart)
+    resuming = folder.prepare(p.state, restart)
     journal, store = Journal(folder.work / "journal.jsonl"), ActivationStore(folder.work)
     records = [r for r in journal.records() if r.get("kind") == "step"]
-    writer = ShardWriter(folder.work, plan.shard_names(), plan.shards)
+    writer = ShardWriter(folder.work, p.plan.shard_names(), p.plan.shards)
     device = dev.resolve(device_name)
     dev.steady_host_memory()
-    ctx = Context(recipe, reader, arch, plan, writer, device, CDTYPES[recipe.run.compute_dtype], ids,
+    ctx = Context(recipe, p.reader, p.arch, p.plan, writer, device, CDTYPES[recipe.run.compute_dtype], p.ids,
                   Prefetcher(recipe.run.read_ahead))
     H = None
     if records:
@@ -92,22 +109,27 @@ def run(recipe: Recipe, model_dir: Path, out_dir: Path, device_name: str, restar
         H = store.load(records[-1]["index"])["h"]
     elif resuming:
         writer.resume({"shard": 0, "tensor": 0, "offset": 0})
-    done = len(records)
     try:
-        with tqdm(total=len(steps), initial=done, desc="streamq", unit="step") as bar:
-            for k in range(done, len(steps)):
-                if k + 1 < len(steps):
-                    prefetch_float(ctx, steps[k + 1], base_names(steps[k + 1]))
-                H, stats = _run_step(ctx, steps[k], H)
-                records.append(_commit(ctx, journal, store, k, steps[k], H, stats))
-                _log_step(bar, steps[k], stats)
-                bar.update(1)
+        _loop(ctx, journal, store, records, H)
     finally:
         ctx.prefetch.close()
         writer.close()
-    finalize_outputs(folder, plan, reader, config, records, state, plan.config_extra(recipe))
+    finalize_outputs(folder, p.plan, p.reader, p.config, records, p.state, p.plan.config_extra(recipe))
     shutil.rmtree(folder.work, ignore_errors=True)
     return out_dir
+
+
+def _loop(ctx: Context, journal: Journal, store: ActivationStore, records: list[dict], H) -> None:
+    """The steps not committed yet, each read ahead while the one before computes."""
+    steps = ctx.plan.steps
+    with tqdm(total=len(steps), initial=len(records), desc="streamq", unit="step") as bar:
+        for k in range(len(records), len(steps)):
+            if k + 1 < len(steps):
+                prefetch_float(ctx, steps[k + 1], base_names(steps[k + 1]))
+            H, stats = _run_step(ctx, steps[k], H)
+            records.append(_commit(ctx, journal, store, k, steps[k], H, stats))
+            _log_step(bar, steps[k], stats)
+            bar.update(1)
 
 
 def _run_step(ctx: Context, step: Step, H):
