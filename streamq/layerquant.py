@@ -84,7 +84,8 @@ def static_fake_quant(x: torch.Tensor, s_x: float, o_x: float) -> torch.Tensor:
 def install(layer: nn.Module, sub: str, q: Quantized) -> None:
     """Make the float module compute what the consumer computes: Ŵ and the activation round trip."""
     lin = layer.get_submodule(sub)
-    lin.weight.data = q.W_hat.to(lin.weight.dtype)
+    # Ŵ was computed on the host; the module may live on an accelerator.
+    lin.weight.data = q.W_hat.to(device=lin.weight.device, dtype=lin.weight.dtype)
     q.W_hat = None  # the module holds Ŵ now; a second fp32 copy would double the host memory
     act = {"per_token": lambda x: fake_quant_per_token(x),
            "per_tensor": lambda x: static_fake_quant(x, q.s_x, q.o_x)}.get(q.act)
