@@ -53,8 +53,6 @@ class GPTQResult:
     q: torch.Tensor                      # int8 [n, k], original column order
     W_hat: torch.Tensor                  # fp32 [n, k] = (q − z)·s
     info: dict = field(default_factory=dict)   # damp (λ used), retries, fallback, dead
-    s: torch.Tensor | None = None        # the scales used ([n, k/G]; refitted groups included)
-    z: torch.Tensor | None = None
 
 
 def _quant_col(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
@@ -90,18 +88,13 @@ def _hinv_chol(H: torch.Tensor, lam: float) -> torch.Tensor | None:
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, s: torch.Tensor, z: torch.Tensor, G: int, qmin: int, qmax: int,
-         block_size: int = 128, percdamp: float = 0.01, act_order: bool = False, rescale=None) -> GPTQResult:
+         block_size: int = 128, percdamp: float = 0.01, act_order: bool = False) -> GPTQResult:
     """GPTQ with static groups. W [n, k], H [k, k] = 2XᵀX/N, s and z [n, k/G].
 
     act_order processes columns by decreasing diag(H) (the most active inputs first, while the
     most columns are left to absorb their error); each column keeps its own group's (s, z).
     If H + λI cannot be factorised after MAX_RETRIES ×10 increases of λ, q falls back to
     round-to-nearest with the same (s, z) and info["fallback"] is True.
-
-    rescale (without act_order): `rescale(Wg) -> (s_g, z_g)` refits a group's scale from the
-    error-updated weights when GPTQ reaches its first column, as the reference implementation
-    does; static scales from the original W would clip the compensated columns. The result
-    carries the (s, z) actually used.
     """
     n, k = W.shape
     if k % G or tuple(s.shape) != (n, k // G) or tuple(z.shape) != (n, k // G):
@@ -143,9 +136,6 @@ def gptq(W: torch.Tensor, H: torch.Tensor, s: torch.Tensor, z: torch.Tensor, G: 
 
     qdtype = _int_dtype(qmin, qmax)
     Q = torch.zeros(n, k, dtype=qdtype, device=W.device)
-    refit = rescale is not None and not act_order
-    if refit:
-        s, z = s.clone(), z.clone()
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         W1 = W[:, i1:i2].clone()
@@ -153,8 +143,6 @@ def gptq(W: torch.Tensor, H: torch.Tensor, s: torch.Tensor, z: torch.Tensor, G: 
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            if refit and (i1 + i) % G == 0:
-                _refit_group(W, W1, i1, i, i2, G, s, z, rescale)
             w, d = W1[:, i], Hinv1[i, i]
             sj, zj = s[:, group[i1 + i]], z[:, group[i1 + i]]
             q = _quant_col(w, sj, zj, qmin, qmax)
@@ -168,13 +156,4 @@ def gptq(W: torch.Tensor, H: torch.Tensor, s: torch.Tensor, z: torch.Tensor, G: 
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     q = Q[:, torch.argsort(perm)] if act_order else Q
-    return GPTQResult(q, dequantize_groups(q, s, z, G), info, s, z)
-
-
-def _refit_group(W, W1, i1: int, i: int, i2: int, G: int, s, z, rescale) -> None:
-    """The group starting at column i1+i, as updated so far (in-block columns from W1)."""
-    c0 = i1 + i
-    Wg = W[:, c0:c0 + G].clone()
-    inside = min(G, i2 - c0)
-    Wg[:, :inside] = W1[:, i:i + inside]
-    s[:, c0 // G], z[:, c0 // G] = rescale(Wg)
+    return GPTQResult(q, dequantize_groups(q, s, z, G), info)

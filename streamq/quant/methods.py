@@ -51,20 +51,10 @@ def _ssz_scales(W, G, qmin, qmax, sym, args):
 SCALES = {"minmax": _minmax_scales, "gptq": _minmax_scales, "hqq": _hqq_scales, "ssz": _ssz_scales}
 
 
-def _refit(Wg: torch.Tensor, qmin: int, qmax: int, sym: bool, args: QuantArgs, round_scale):
-    """Min-max (s, z) of one group [n, G] of GPTQ-updated weights, rounded as stored."""
-    s, z = _minmax_scales(Wg, Wg.shape[1], qmin, qmax, sym, args)
-    s = round_scale(s) if round_scale is not None else s
-    return s[:, 0], z[:, 0]
-
-
 def choose(W: torch.Tensor, G: int, qmin: int, qmax: int, sym: bool, args: QuantArgs,
-           H: torch.Tensor | None = None, round_scale=None, name: str = "",
-           refit: bool | None = True) -> tuple[torch.Tensor, ...]:
+           H: torch.Tensor | None = None, round_scale=None, name: str = "") -> tuple[torch.Tensor, ...]:
     """(q int8 [n,k], s, z [n, k/G] fp32) for W [n, k]. `round_scale` maps s to what is stored
-    (e.g. rounded to bf16) before q is chosen, so q matches the scale the consumer loads.
-    GPTQ refits each group's min-max scale as it reaches it unless `refit` is None (scales fixed
-    by the format, as the integer second-level scales of W4A8)."""
+    (e.g. rounded to bf16) before q is chosen, so q matches the scale the consumer loads."""
     W = W.float()
     s, z = SCALES[args.w_method](W, G, qmin, qmax, sym, args)
     if round_scale is not None:
@@ -75,9 +65,8 @@ def choose(W: torch.Tensor, G: int, qmin: int, qmax: int, sym: bool, args: Quant
             log.warning("%s: no calibration tokens reached this linear; GPTQ falls back to round-to-nearest", name)
             info["fallback"] = "no tokens"
         else:
-            res = gptq(W, H, s, z, G, qmin, qmax, percdamp=args.percdamp, act_order=args.act_order,
-                       rescale=None if refit is None else lambda Wg: _refit(Wg, qmin, qmax, sym, args, round_scale))
+            res = gptq(W, H, s, z, G, qmin, qmax, percdamp=args.percdamp, act_order=args.act_order)
             if res.info.get("fallback"):
                 log.warning("%s: H could not be factorised; GPTQ fell back to round-to-nearest", name)
-            return res.q.to(torch.int8), res.s, res.z, res.info
+            return res.q.to(torch.int8), s, z, res.info
     return quantize_groups(W, s, z, G, qmin, qmax), s, z, info

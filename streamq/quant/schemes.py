@@ -211,7 +211,7 @@ class W4A8TwoLevel(Scheme):
         w8 = quantize_sym(W, s1, -119, 119).float()
         s2 = torch.clamp(torch.round(w8.reshape(n, k // G, G).abs().amax(dim=2) / 7), min=1)
         stage2 = dataclasses.replace(args, w_method="gptq" if args.w_method == "gptq" else "minmax")
-        q4, _, _, info = choose(w8, G, -7, 7, True, stage2, H, lambda _: s2, name, refit=None)
+        q4, _, _, info = choose(w8, G, -7, 7, True, stage2, H, lambda _: s2, name)
         W_hat = (q4.float().reshape(n, k // G, G) * _rounded(s2, torch.bfloat16).unsqueeze(2)).reshape(n, k) \
             * _rounded(s1, torch.bfloat16)
         tensors = {"weight": pack_int4(q4), "weight_scale": s1, "weight_offset": torch.zeros_like(s1),
