@@ -68,6 +68,15 @@ from streamq.recipe import load_recipe  # noqa: E402
 from streamq.synth import deepseek_v3_config, deepseek_v3_specs, scale_inv_shape  # noqa: E402
 
 
+def source_fingerprint() -> str:
+    """What was measured: a hash of streamq's sources and the recipe (the package changes often)."""
+    import hashlib
+    h = hashlib.sha256()
+    for f in sorted([*(REPO / "streamq").rglob("*.py"), RECIPE]):
+        h.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def rel(p: Path) -> str:
     return os.path.relpath(p, REPO)
 
@@ -90,6 +99,8 @@ class Measured:
     poll_peak: int                 # bytes, psutil every 20 ms
     step_peak: dict                # step -> peak polled RSS while it ran (bytes)
     step_file: dict                # step -> RssFile (mapped file pages) at that peak
+    step_cpu: dict                 # step -> CPU seconds (user + system, all threads) it used
+    cpu: float                     # CPU seconds of the whole child (wait4)
     samples: int
 
 
@@ -102,7 +113,8 @@ def measure(cmd: list[str], log: Path) -> Measured:
     marks: list[tuple[float, str]] = []
     done = threading.Event()
 
-    status = Path(f"/proc/{p.pid}/status")
+    status, stat = Path(f"/proc/{p.pid}/status"), Path(f"/proc/{p.pid}/stat")
+    tick = os.sysconf("SC_CLK_TCK")
 
     def poll():
         # /proc/PID/status: VmRSS and its file-backed part (safetensors' memory maps) in one read
@@ -110,13 +122,12 @@ def measure(cmd: list[str], log: Path) -> Measured:
             try:
                 fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
                 rss, rss_file = (int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "RssFile"))
-            except (OSError, KeyError, ValueError):
-                try:
-                    rss, rss_file = proc.memory_info().rss, 0
-                except psutil.Error:
-                    break
+                ticks = stat.read_text().rsplit(")", 1)[1].split()
+                cpu = (int(ticks[11]) + int(ticks[12])) / tick      # utime + stime
+            except (OSError, KeyError, ValueError, IndexError):
+                break
             if rss:
-                samples.append((time.monotonic() - t0, rss, rss_file))
+                samples.append((time.monotonic() - t0, rss, rss_file, cpu))
             done.wait(0.02)
 
     def read():
@@ -141,13 +152,15 @@ def measure(cmd: list[str], log: Path) -> Measured:
         t.join()
     p.returncode = os.waitstatus_to_exitcode(status)
     # A step's samples: after the previous step's line, up to its own (load, compute, commit).
-    step_peak, step_file, start = {}, {}, 0.0
+    step_peak, step_file, step_cpu, start, cpu0 = {}, {}, {}, 0.0, 0.0
     for t_end, step in marks:
-        inside = [(r, f) for t, r, f in samples if start < t <= t_end]
-        step_peak[step], step_file[step] = max(inside, default=(0, 0))
-        start = t_end
+        inside = [(r, f, c) for t, r, f, c in samples if start < t <= t_end]
+        step_peak[step], step_file[step], _ = max(inside, default=(0, 0, 0))
+        cpu1 = max((c for _, _, c in inside), default=cpu0)
+        step_cpu[step], start, cpu0 = cpu1 - cpu0, t_end, cpu1
     return Measured(cmdline(cmd), wall, p.returncode, usage.ru_maxrss * 1024,
-                    max((r for _, r, _ in samples), default=0), step_peak, step_file, len(samples))
+                    max((r for _, r, _, _ in samples), default=0), step_peak, step_file, step_cpu,
+                    usage.ru_utime + usage.ru_stime, len(samples))
 
 
 def synth_cmd(out: Path, experts: int, layers: int, vocab: int, mtp: bool) -> list[str]:
@@ -197,10 +210,15 @@ def write_recipe(path: Path, samples: int, seq_len: int, batch: int, cdt: str, b
     text = RECIPE.read_text()
     text, n1 = re.subn(r"(?m)^samples = \d+", f"samples = {samples}", text)
     text, n2 = re.subn(r"(?m)^seq_len = \d+", f"seq_len = {seq_len}", text)
-    text, n3 = re.subn(r"(?ms)^\[run\]\n.*\Z", (f'[run]\ndevice = "cpu"\nbatch_size = {batch}\n'
-                                                  f'compute_dtype = "{cdt}"\nexpert_budget_gb = {budget}\n'), text)
-    if (n1, n2, n3) != (1, 1, 1):
+    head, sep, run = text.partition("\n[run]\n")
+    if (n1, n2, bool(sep)) != (1, 1, True) or "\n[" in run:
         sys.exit(f"{rel(RECIPE)} changed shape: cannot shrink its calibration / [run] table")
+    for key, value in (("device", '"cpu"'), ("batch_size", batch), ("compute_dtype", f'"{cdt}"'),
+                       ("expert_budget_gb", budget)):
+        run, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", run)
+        if not n:
+            run = run.rstrip("\n") + f"\n{key} = {value}\n"
+    text = head + sep + run
     path.write_text(text)
     doc = tomllib.loads(text)
     assert doc["calibration"]["samples"] == samples and doc["run"]["expert_budget_gb"] == budget
@@ -215,6 +233,7 @@ def run_quant(tag: str, ckpt: Path, recipe: Path, experts: int) -> dict:
     out = WORK / f"out-{tag}"
     cmd = [PY, "-m", "streamq", "run", str(recipe), "--model", str(ckpt), "--output", str(out), "--restart"]
     print(f"[{time.strftime('%H:%M:%S')}] {tag}: {cmdline(cmd)}", flush=True)
+    source = source_fingerprint()
     m = measure(cmd, WORK / f"{tag}.log")
     if m.rc:
         sys.exit(f"{tag}: streamq run failed ({m.rc}); see {rel(WORK / f'{tag}.log')}")
@@ -224,14 +243,19 @@ def run_quant(tag: str, ckpt: Path, recipe: Path, experts: int) -> dict:
     res = {
         "tag": tag, "experts": experts, "cmd": m.cmd, "wall": m.wall, "ru_maxrss": m.ru_maxrss,
         "poll_peak": m.poll_peak, "samples": m.samples, "step_peak": m.step_peak, "step_file": m.step_file,
+        "step_cpu": m.step_cpu, "cpu": m.cpu, "source": source,
         "steps": report["steps"], "output_bytes": report["output_bytes"],
         "dense_s": steps["layer.0"]["seconds"],
         "moe_s": sum(steps[k]["seconds"] for k in moe) / len(moe),
+        "dense_cpu": m.step_cpu.get("layer.0", 0.0),
+        "moe_cpu": sum(m.step_cpu.get(k, 0.0) for k in moe) / len(moe),
         "mtp_s": steps["mtp"]["seconds"] if "mtp" in steps else None,
         "moe_peak": max(m.step_peak.get(k, 0) for k in moe),
         "dense_peak": m.step_peak.get("layer.0", 0),
     }
-    print(f"    wall {m.wall:.0f}s  ru_maxrss {m.ru_maxrss / MiB:.0f} MiB  MoE-step peak {res['moe_peak'] / MiB:.0f} MiB"
+    if source_fingerprint() != source:
+        res["source_changed"] = True
+    print(f"    wall {m.wall:.0f}s  cpu {m.cpu:.0f}s  ru_maxrss {m.ru_maxrss / MiB:.0f} MiB  MoE-step peak {res['moe_peak'] / MiB:.0f} MiB"
           f"  dense {res['dense_s']:.1f}s  MoE {res['moe_s']:.1f}s", flush=True)
     shutil.rmtree(out, ignore_errors=True)
     return res
