@@ -7,7 +7,7 @@ bench/work/tab-<name>.json; the output folder is deleted after its evaluation. A
 whose JSON exists is skipped unless --force, so an interrupted run resumes. bench/tables.md is
 rewritten after every run. Runs are strictly sequential.
 
-    .venv/bin/python bench/tables.py [--force] [--only NAME ...] [--budget-min 50]
+    .venv/bin/python bench/tables.py [--force] [--only NAME ...] [--budget-min 50] [--report]
 """
 from __future__ import annotations
 
@@ -171,12 +171,15 @@ def write_md(results: dict[str, dict], started: str, note: str = "") -> None:
     md = [
         "# streamq accuracy tables: SmolLM2-135M-Instruct",
         "",
-        f"Date: {datetime.date.today().isoformat()} (started {started}). Model: `.cache/smollm2` "
+        f"Date: {datetime.date.today().isoformat()}" + (f" (this invocation started {started})" if started else "")
+        + ". Model: `.cache/smollm2` "
         "(SmolLM2-135M-Instruct, bf16 Llama safetensors). `lm_head` stays FLOAT in every config.",
         "",
-        f"Evaluation: `streamq eval --samples {EVAL_SAMPLES} --seq-len {EVAL_SEQ}` on the Shakespeare plays in "
-        f"`.cache/shakespeare` (the evaluator's default: hamlet, macbeth, lear, othello), "
-        f"{tokens if tokens else EVAL_SAMPLES * (EVAL_SEQ - 1)} predicted tokens. Layer-streamed: each quantized "
+        f"Evaluation: `streamq eval --samples {EVAL_SAMPLES} --seq-len {EVAL_SEQ}` with its default text, the "
+        "Shakespeare plays in `.cache/shakespeare/shksprdata/texts` (hamlet, macbeth, lear, othello, concatenated "
+        f"in that order; the first {EVAL_SAMPLES} × {EVAL_SEQ} tokens are used, which lie inside Hamlet), "
+        f"{tokens if tokens else EVAL_SAMPLES * (EVAL_SEQ - 1)} predicted tokens. Not in the calibration prompts. "
+        "Layer-streamed: each quantized "
         "linear runs the consumer's integer math from the stored tensors. KL is KL(float ‖ quantized) per token "
         "(nats); top-1 is agreement of the argmax with the float model.",
         "",
@@ -219,6 +222,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--force", action="store_true", help="rerun configs whose JSON exists")
     ap.add_argument("--only", nargs="*", help="run only these config names")
+    ap.add_argument("--report", action="store_true", help="only rewrite tables.md from the existing JSON files")
     ap.add_argument("--budget-min", type=float, default=50.0,
                     help="stop before a run that would push this invocation past this many minutes")
     a = ap.parse_args()
@@ -233,6 +237,9 @@ def main() -> None:
         js = WORK / f"tab-{name}.json"
         if js.exists() and not a.force:
             results[name] = json.loads(js.read_text())
+    if a.report:
+        write_md(results, "", "Rerun `.venv/bin/python bench/tables.py` to run them (it resumes).")
+        return
     write_md(results, started)
     t0, durations, note = time.time(), [], ""
     todo = [(n, text) for n, _, (_, text) in CONFIGS
