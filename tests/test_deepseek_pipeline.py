@@ -360,12 +360,16 @@ def test_kill_and_resume_is_byte_identical(ds, killed, kill):
 # 4. the MTP layer dropped or kept in float
 
 
-def test_mtp_dropped(ds):
-    out = ds.tmp / "mtp-drop"
-    assert streamq("run", deepseek_recipe(ds.tmp / "drop.toml", mtp="drop"), "--model", ds.model, "--output", out) == 0
+def run_mtp_mode(ds, mode):
+    """A verified run with [model] mtp = mode: (tensors, config, description)."""
+    out = ds.tmp / f"mtp-{mode}"
+    assert streamq("run", deepseek_recipe(ds.tmp / f"{mode}.toml", mtp=mode), "--model", ds.model, "--output", out) == 0
     assert streamq("verify", out) == 0
-    tensors, config = load_all(out), read_json(out / "config.json")
-    description = read_json(out / "quant_model_description.json")
+    return load_all(out), read_json(out / "config.json"), read_json(out / "quant_model_description.json")
+
+
+def test_mtp_dropped(ds):
+    tensors, config, description = run_mtp_mode(ds, "drop")
     assert not [n for n in (*tensors, *description) if n.startswith(f"model.layers.{MTP}.")]
     assert config["num_nextn_predict_layers"] == 0
     assert "mtp_quantize" not in config
@@ -375,11 +379,7 @@ def test_mtp_dropped(ds):
 
 
 def test_mtp_kept_in_float(ds):
-    out = ds.tmp / "mtp-float"
-    assert streamq("run", deepseek_recipe(ds.tmp / "float.toml", mtp="float"), "--model", ds.model, "--output", out) == 0
-    assert streamq("verify", out) == 0
-    tensors, config = load_all(out), read_json(out / "config.json")
-    description = read_json(out / "quant_model_description.json")
+    tensors, config, description = run_mtp_mode(ds, "float")
     mtp = {n: description[n] for n in tensors if n.startswith(f"model.layers.{MTP}.")}
     assert mtp and set(mtp.values()) == {"FLOAT"}
     # FP8 source linears come out dequantized to the model dtype (the router bias is fp32 already)
