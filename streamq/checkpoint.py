@@ -160,14 +160,21 @@ class CheckpointReader:
         return out
 
     def load_weight(self, name: str, out_dtype: torch.dtype) -> torch.Tensor:
-        """A weight in a float dtype: FP8 weights are dequantized with their 128×128 block scales."""
-        if not self.is_fp8(name):
-            return self.load([name])[name]
-        scale_name = name + FP8_SCALE_SUFFIX
-        if scale_name not in self.tensors:
-            raise StreamqError(f"FP8 tensor '{name}' has no '{scale_name}'", "the FP8 checkpoint is incomplete")
-        raw = self.load([name, scale_name])
-        return dequant_fp8_blocks(raw[name], raw[scale_name]).to(out_dtype)
+        """One weight in a float dtype (FP8 dequantized with its 128×128 block scales)."""
+        return self.load_float([name], out_dtype)[name]
+
+    def load_float(self, names: list[str], out_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Tensors as stored, except FP8 weights, dequantized to out_dtype; every shard is opened
+        once for the whole set (weights and their scales together)."""
+        fp8 = [n for n in names if self.is_fp8(n)]
+        for n in fp8:
+            if n + FP8_SCALE_SUFFIX not in self.tensors:
+                raise StreamqError(f"FP8 tensor '{n}' has no '{n + FP8_SCALE_SUFFIX}'",
+                                   "the FP8 checkpoint is incomplete")
+        raw = self.load(names + [n + FP8_SCALE_SUFFIX for n in fp8])
+        for n in fp8:
+            raw[n] = dequant_fp8_blocks(raw[n], raw.pop(n + FP8_SCALE_SUFFIX)).to(out_dtype)
+        return raw
 
     def fingerprint(self) -> dict:
         """What identifies the input: config bytes, shard names, sizes and header hashes."""

@@ -55,10 +55,7 @@ def prefetch_float(ctx: Context, step: Step, names: list[str]) -> None:
 
 def read_float(ctx: Context, names: list[str]) -> dict[str, torch.Tensor]:
     r = ctx.reader
-    tensors = r.load([n for n in names if not r.is_fp8(n)])
-    for n in names:
-        if r.is_fp8(n):
-            tensors[n] = r.load_weight(n, ctx.plan.model_dtype)
+    tensors = r.load_float(names, ctx.plan.model_dtype)
     for n, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise StreamqError(f"tensor '{n}' in {r.info(n).file} contains NaN or Inf values",
