@@ -38,6 +38,21 @@ def minmax_asym_groups(W: torch.Tensor, G: int, qmin: int, qmax: int) -> tuple[t
     return s, z
 
 
+def minmax_affine_groups(W: torch.Tensor, G: int, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group asymmetric (s, z), each [n, k/G] fp32, with a real-valued z: the group's min maps
+    to qmin and its max to qmax exactly, so no part of the grid is spent outside the group's range
+    (an integral z has to widen the range by up to a step, and its range has to include 0).
+
+    A constant group gets s = |value| (or 1 for zeros), which still reproduces it exactly.
+    """
+    Wg = group_view(W.float(), G)
+    lo, hi = Wg.amin(dim=2), Wg.amax(dim=2)
+    s = (hi - lo) / (qmax - qmin)
+    flat = torch.where(lo != 0, lo.abs(), torch.ones_like(lo))
+    s = torch.where(s > 0, s, flat)
+    return s, qmin - lo / s
+
+
 def quantize_groups(W: torch.Tensor, s: torch.Tensor, z: torch.Tensor, G: int, qmin: int, qmax: int) -> torch.Tensor:
     """Per-group affine quantization: q = clamp(round(W / s + z)), int8 [n, k]."""
     Wg = group_view(W.float(), G)

@@ -5,8 +5,10 @@ Conventions as in kernels/affine.py: W is [n, k] = [out, in]; q = clamp(round(W 
 import pytest
 import torch
 
-from streamq.kernels.affine import (absmax_scale, dequantize_groups, minmax_asym_groups, quantize_groups,
-                                    quantize_sym)
+from streamq.kernels.affine import (absmax_scale, dequantize_groups, minmax_affine_groups, minmax_asym_groups,
+                                    quantize_groups, quantize_sym)
+from streamq.quant.schemes import SCHEMES
+from streamq.recipe import QuantArgs
 from streamq.quant.gptq import HessianAccumulator, gptq
 from streamq.quant.hqq import hqq
 from streamq.quant.ssz import ssz
@@ -214,6 +216,64 @@ def test_hqq_asymmetric_not_worse_than_minmax(optimize_scale):
     assert (group_err(W, W_hat, G) <= group_err(W, W_mm, G)).all()
     if optimize_scale:
         assert (W - W_hat).norm() < 0.99 * (W - W_mm).norm()
+
+
+def test_minmax_real_zero_maps_the_group_range_onto_the_grid():
+    qmin, qmax = INT4
+    G = 64
+    W = heavy_tailed_w(seed=21)
+    W[0, :G] = 0.25                                   # a constant group
+    W[1, :G] = 0.0                                    # an all-zero group
+    s, z = minmax_affine_groups(W, G, qmin, qmax)
+    Wg = W.reshape(W.shape[0], -1, G)
+    lo, hi = Wg.amin(2), Wg.amax(2)
+    varied = hi > lo
+    # Written out: the min lands on qmin and the max on qmax (up to fp32 rounding).
+    assert torch.allclose((lo / s + z)[varied], torch.full_like(lo[varied], qmin), atol=1e-4)
+    assert torch.allclose((hi / s + z)[varied], torch.full_like(hi[varied], qmax), atol=1e-4)
+    q = quantize_groups(W, s, z, G, qmin, qmax)
+    W_hat = dequantize_groups(q, s, z, G)
+    assert torch.allclose(W_hat[:2, :G], W[:2, :G])   # constant groups are exact
+    assert ((W - W_hat).abs().reshape(Wg.shape) <= 0.5 * s.unsqueeze(2) * (1 + 1e-5)).all()
+    # Against the integral zero point, which must stretch the range to include 0 and up to a step:
+    # a little better on centred groups, much better on groups off centre.
+    for Ws, factor in ((W, 1.0), (rand_w(64, 256, seed=4) + 0.3, 0.7)):   # centred; all positive
+        s, z = minmax_affine_groups(Ws, G, qmin, qmax)
+        W_real = dequantize_groups(quantize_groups(Ws, s, z, G, qmin, qmax), s, z, G)
+        s_i, z_i = minmax_asym_groups(Ws, G, qmin, qmax)
+        W_int = dequantize_groups(quantize_groups(Ws, s_i, z_i, G, qmin, qmax), s_i, z_i, G)
+        assert (Ws - W_real).norm() < factor * (Ws - W_int).norm()
+
+
+def test_hqq_real_zero_beats_minmax_real_zero():
+    qmin, qmax = INT4
+    G = 64
+    W = heavy_tailed_w(seed=22)
+    s0, z0 = minmax_affine_groups(W, G, qmin, qmax)
+    W_mm = dequantize_groups(quantize_groups(W, s0, z0, G, qmin, qmax), s0, z0, G)
+    q, s, z = hqq(W, G, qmin, qmax, optimize_scale=True, real_zero=True)
+    W_hat = dequantize_groups(q, s, z, G)
+    assert not torch.equal(z, torch.round(z))                          # the zero point is real-valued
+    assert torch.equal(q, quantize_groups(W, s, z, G, qmin, qmax))
+    assert (group_err(W, W_hat, G) <= group_err(W, W_mm, G)).all()     # the min-max start is kept if best
+    assert (W - W_hat).norm() < 0.95 * (W - W_mm).norm()
+
+
+@pytest.mark.parametrize("method", ["MinMax", "HQQ", "GPTQ"])
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_w4a16_scales_survive_the_consumers_cast(method, dt):
+    """The consumer casts the fp32 weight_scale / weight_offset to the model dtype on load: the stored
+    values must already be representable there, and q must be the rounding for exactly those values."""
+    W, G = heavy_tailed_w(n=32, k=128, seed=23), 32
+    H = hessian(outlier_x(k=128)) if method == "GPTQ" else None
+    args = QuantArgs("W4A16", group_size=G, w_sym=False, w_method=method.lower())
+    r = SCHEMES["W4A16"].quantize("x.up_proj", W, None, args, dt, None, H)
+    s, z = r.tensors["weight_scale"], r.tensors["weight_offset"]
+    assert s.dtype == z.dtype == torch.float32
+    assert torch.equal(s, s.to(dt).float()) and torch.equal(z, z.to(dt).float())
+    if method != "GPTQ":
+        from streamq.kernels.pack import unpack_int4
+        assert torch.equal(unpack_int4(r.tensors["weight"]), quantize_groups(W, s, z, G, -8, 7))
 
 
 def test_hqq_symmetric_keeps_zero_point():

@@ -6,17 +6,17 @@ q = clamp(round(W / s + z), qmin, qmax), Ŵ = (q − z)·s, s and z are [n, k/G]
 HQQ minimises the sparsity-promoting loss ‖W − Ŵ‖_p^p (p < 1) by half-quadratic splitting: an
 extra variable E ≈ W − Ŵ takes the outliers of the error (a generalised soft-threshold of the
 residual), and (s, z) are then fitted in closed form to the rest, W − E, with β (the weight of the
-quadratic coupling) growing by κ each step. The stored format needs an integral z in [qmin, qmax],
-so the closed-form z is rounded and clamped at every step (which leaves z alone unless the
-residual is off-centre by more than half a step: with a fixed s, min-max is rarely improved on; the
-gain comes from the scale). Per group the iterate with the smallest ‖W − Ŵ‖ is kept, the min-max
+quadratic coupling) growing by κ each step. With `real_zero` z stays real-valued, as published (the W4A16
+offset is a float tensor); otherwise the closed-form z is rounded and clamped into [qmin, qmax] at
+every step, which leaves z alone unless the residual is off-centre by more than half a step, so
+the gain then comes from the scale alone. Per group the iterate with the smallest ‖W − Ŵ‖ is kept, the min-max
 start included, so no group gets worse.
 """
 from __future__ import annotations
 
 import torch
 
-from ..kernels.affine import group_view, minmax_asym_groups
+from ..kernels.affine import group_view, minmax_affine_groups, minmax_asym_groups
 
 
 def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
@@ -26,12 +26,12 @@ def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
     return torch.sign(x) * torch.relu(ax - ax.clamp_min(1e-30).pow(p - 1) / beta)
 
 
-def _init(Wg: torch.Tensor, W: torch.Tensor, G: int, qmin: int, qmax: int, symmetric: bool):
+def _init(Wg: torch.Tensor, W: torch.Tensor, G: int, qmin: int, qmax: int, symmetric: bool, real_zero: bool):
     if symmetric:
         s = Wg.abs().amax(dim=2) / qmax
         s = torch.where(s > 0, s, torch.ones_like(s))
         return s, torch.zeros_like(s)
-    return minmax_asym_groups(W, G, qmin, qmax)
+    return (minmax_affine_groups if real_zero else minmax_asym_groups)(W, G, qmin, qmax)
 
 
 def _quant(Wg, s, z, qmin, qmax):
@@ -50,17 +50,18 @@ def _ls_scale(T: torch.Tensor, qz: torch.Tensor, s: torch.Tensor) -> torch.Tenso
 
 
 def hqq(W: torch.Tensor, G: int, qmin: int, qmax: int, iters: int = 20, p: float = 0.7, beta: float = 10.0,
-        kappa: float = 1.01, optimize_scale: bool = False,
-        symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns q (int8 [n, k]), s and z (fp32 [n, k/G], z integral in [qmin, qmax]).
+        kappa: float = 1.01, optimize_scale: bool = False, symmetric: bool = False,
+        real_zero: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns q (int8 [n, k]), s and z (fp32 [n, k/G]).
 
-    Asymmetric: z is updated in closed form each step, and s too when optimize_scale is set.
+    Asymmetric: z is updated in closed form each step, and s too when optimize_scale is set;
+    z is real-valued with real_zero (the algorithm as published), else rounded into [qmin, qmax].
     Symmetric: z stays 0, so the scale is what gets optimised.
     """
     n, k = W.shape
     W = W.detach().float()
     Wg = group_view(W, G)
-    s, z = _init(Wg, W, G, qmin, qmax, symmetric)
+    s, z = _init(Wg, W, G, qmin, qmax, symmetric, real_zero)
 
     q = _quant(Wg, s, z, qmin, qmax)
     best_q, best_s, best_z = q, s, z
@@ -72,7 +73,9 @@ def hqq(W: torch.Tensor, G: int, qmin: int, qmax: int, iters: int = 20, p: float
         if symmetric or optimize_scale:
             s = _ls_scale(T, q - z.unsqueeze(2), s)
         if not symmetric:
-            z = torch.clamp(torch.round((q - T / s.unsqueeze(2)).mean(dim=2)), qmin, qmax)
+            z = (q - T / s.unsqueeze(2)).mean(dim=2)
+            if not real_zero:
+                z = torch.clamp(torch.round(z), qmin, qmax)
         q = _quant(Wg, s, z, qmin, qmax)
         beta *= kappa
 

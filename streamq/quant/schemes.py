@@ -127,7 +127,8 @@ class W4A16(Scheme):
 
     def quantize(self, name, W, b, args, dt, act_range, H=None):
         G = _group(args, k=W.shape[1])
-        q, s, z, info = choose(W, G, -8, 7, args.w_sym, args, H, name=name)
+        # The consumer holds weight_scale / weight_offset in the model dtype.
+        q, s, z, info = choose(W, G, -8, 7, args.w_sym, args, H, held_as=dt, name=name)
         tensors = {"weight": pack_int4(q), "weight_scale": s, "weight_offset": z}
         return Quantized(tensors, dequantize_groups(q, s, z, G), self.act, info=info)
 
