@@ -1,10 +1,11 @@
-"""streamq benchmarks: host memory against depth, throughput, and a real small model.
+"""streamq benchmarks: host memory against depth, throughput, per-layer cost, cold reads, a real model.
 
 The machine is shared and its timings drift from minute to minute, so every figure that matters
 is a ratio of two measurements taken in the same run of this script.
 
     .venv/bin/python bench/run.py                    # every row → bench/results.md
     .venv/bin/python bench/run.py --only rss_depth   # one row → bench/work/run/results-rss_depth.md
+    .venv/bin/python bench/run.py --only layer_cost --only cold_read   # the two speed ratios
     .venv/bin/python bench/run.py --quick            # smaller models and calibration
 
 Rows are functions registered in ROWS; each returns a Row (measurements plus the commands that
@@ -40,6 +41,8 @@ SMOLLM2 = REPO / ".cache" / "smollm2"
 MiB = 2**20
 MB = 10**6
 RSS_DEPTH_TARGET = 1.10
+LAYER_COST_TARGET = 1.5   # a step's time per layer / a plain float forward of the layer
+COLD_READ_TARGET = 1.2    # a run from a cold cache / max(cold copy of the input, the run hot)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,12 +64,14 @@ class Sizes:
     batch: int
     shard_mb: int         # several shards, as real checkpoints have
     smollm2_samples: int | None  # None: the repo recipes' own calibration size
+    ds_layers: int        # DeepSeek-R1-width checkpoint of cold_read: layers (the first dense)
+    ds_experts: int       # routed experts per MoE layer
 
 
 FULL = Sizes(shallow=4, deep=32, hidden=1024, intermediate=2816, heads=16, kv_heads=4, vocab=8192,
-             samples=16, seq_len=128, batch=4, shard_mb=200, smollm2_samples=None)
+             samples=16, seq_len=128, batch=4, shard_mb=200, smollm2_samples=None, ds_layers=3, ds_experts=4)
 QUICK = Sizes(shallow=2, deep=8, hidden=512, intermediate=1408, heads=8, kv_heads=2, vocab=4096,
-              samples=8, seq_len=64, batch=4, shard_mb=50, smollm2_samples=8)
+              samples=8, seq_len=64, batch=4, shard_mb=50, smollm2_samples=8, ds_layers=2, ds_experts=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,23 +139,28 @@ def synthetic_checkpoint(sizes: Sizes, layers: int) -> Path:
                        shard_mb=sizes.shard_mb)
 
 
-def synthetic_recipe(sizes: Sizes) -> Path:
-    """W8A8_DYNAMIC as in recipes/w8a8_dynamic.toml, with the bench's calibration size and batch."""
-    path = WORK / f"w8a8_dynamic-{sizes.samples}x{sizes.seq_len}.toml"
+def synthetic_recipe(sizes: Sizes, scheme: str = "W8A8_DYNAMIC", propagate: str = "quantized",
+                     samples: int | None = None) -> Path:
+    """As recipes/w8a8_dynamic.toml (or W8A8 static, min-max ranges), with the bench's calibration
+    size (or `samples`) and batch, propagating the quantized or the float layer outputs."""
+    tag = "" if propagate == "quantized" else f"-{propagate}"
+    samples = samples or sizes.samples
+    path = WORK / f"{scheme.lower()}{tag}-{samples}x{sizes.seq_len}.toml"
     path.write_text(f"""\
 [calibration]
 source = "builtin"
-samples = {sizes.samples}
+samples = {samples}
 seq_len = {sizes.seq_len}
 
 [quant]
-scheme = "W8A8_DYNAMIC"
+scheme = "{scheme}"
 w_method = "MinMax"
 disable_last_linear = true
 
 [run]
 device = "cpu"
 batch_size = {sizes.batch}
+propagate = "{propagate}"
 """)
     return path
 
@@ -218,13 +228,18 @@ class Measured:
     def layer_seconds(self) -> list[float]:
         return [s["seconds"] for s in self.report["steps"] if s["step"].startswith("layer.")]
 
+    def layer_cpu_seconds(self) -> list[float]:
+        """CPU time of each layer step, all threads (the read-ahead of the next step included)."""
+        return [s["cpu_seconds"] for s in self.report["steps"] if s["step"].startswith("layer.")]
+
     def mean_rel_error(self) -> float:
         return statistics.mean(s["rel_error"] for s in self.report["steps"] if "rel_error" in s)
 
 
-def measure(argv: list, log: Path) -> dict:
+def measure(argv: list, log: Path, env: dict | None = None) -> dict:
     log.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([PYTHON, "-c", WRAPPER, log, *argv], capture_output=True, text=True, check=True)
+    proc = subprocess.run([PYTHON, "-c", WRAPPER, log, *argv], capture_output=True, text=True, check=True,
+                          env={**os.environ, **(env or {})})
     result = json.loads(proc.stdout)
     if result["rc"] != 0:
         tail = "\n".join(log.read_text().splitlines()[-15:])
@@ -233,32 +248,48 @@ def measure(argv: list, log: Path) -> dict:
 
 
 @functools.cache
-def streamq_run(recipe: Path, model: Path, device: str | None) -> Measured:
-    """One streamq run from a cold page cache, measured from outside; cached so that rows
-    measuring the same run (rss_depth and throughput) share it."""
+def streamq_run(recipe: Path, model: Path, device: str | None, cold: bool = True, threads: int | None = None
+                ) -> Measured:
+    """One streamq run, measured from outside; cached so that rows measuring the same run
+    (rss_depth and throughput) share it. `cold`: the input comes from a dropped page cache, while
+    the interpreter's own files are read back first, so only the input is read cold; otherwise
+    the input is read once beforehand, so the run finds it in the cache. `threads`: torch's
+    intra-op threads (default: torch's own choice)."""
     out = WORK / "out" / f"{model.name}-{recipe.stem}"
     argv = [PYTHON, "-m", "streamq", "run", recipe, "--model", model, "--output", out, "--restart"]
     if device:
         argv += ["--device", device]
-    print(f"  $ {command_line(argv)}", flush=True)
-    cold = drop_page_cache()
-    result = measure(argv, WORK / "logs" / f"{out.name}.log")
+    env = {} if threads is None else {"OMP_NUM_THREADS": str(threads)}
+    shell_env = "".join(f"{k}={v} " for k, v in env.items())
+    print(f"  $ {shell_env}{command_line(argv)}{'' if cold else '   # hot cache'}", flush=True)
+    log = WORK / "logs" / f"{out.name}{'' if cold else '-hot'}.log"
+    if cold:
+        cold = drop_page_cache()
+        subprocess.run([PYTHON, "-c", "import streamq.cli, streamq.pipeline"], check=True)
+    else:
+        read_all(model)
+    result = measure(argv, log, env)
     report = json.loads((out / "streamq_report.json").read_text())
     shutil.rmtree(out)  # outputs are as large as the checkpoint; only the report is needed
-    return Measured(command_line(argv), result["wall_s"], result["cpu_s"], result["peak_rss_bytes"], cold, report)
+    return Measured(shell_env + command_line(argv), result["wall_s"], result["cpu_s"], result["peak_rss_bytes"],
+                    cold, report)
 
 
 # ---------------------------------------------------------------------------------------------
 # Plain baselines: a sequential read and a float forward
 
 
+def read_all(folder: Path) -> None:
+    """`cat` of every shard to /dev/null."""
+    with open(os.devnull, "wb") as null:
+        subprocess.run(["cat", *sorted(folder.glob("*.safetensors"))], stdout=null, check=True)
+
+
 def sequential_read_seconds(folder: Path) -> tuple[float, bool]:
-    """`cat` of every shard to /dev/null: the floor for a pass that must read all input bytes."""
-    shards = sorted(folder.glob("*.safetensors"))
+    """`cat` of every shard from a cold cache: the floor for a pass that must read all input bytes."""
     cold = drop_page_cache()
     t0 = time.perf_counter()
-    with open(os.devnull, "wb") as null:
-        subprocess.run(["cat", *shards], stdout=null, check=True)
+    read_all(folder)
     return time.perf_counter() - t0, cold
 
 
@@ -297,10 +328,20 @@ class Timings:
     cpu: list[float]  # all threads of this process: steadier than wall time when others load the machine
 
 
-def float_forward_timings(recipe: Path, model: Path, batch: int) -> Timings:
+def float_forward_timings(recipe: Path, model: Path, batch: int, threads: int | None = None) -> Timings:
     """Per-layer time of a plain fp32 forward (transformers' LlamaDecoderLayer) over the
-    calibration tokens, in streamq's batch size, each layer fed the previous one's output.
-    Loading the weights is not timed: this is the least compute a layer can cost."""
+    calibration tokens, in streamq's batch size, each layer fed the previous one's output, on
+    `threads` intra-op threads (default: as configured). Loading the weights is not timed: this
+    is the least compute a layer can cost."""
+    configured = torch.get_num_threads()
+    torch.set_num_threads(threads or configured)
+    try:
+        return _float_forward_timings(recipe, model, batch)
+    finally:
+        torch.set_num_threads(configured)
+
+
+def _float_forward_timings(recipe: Path, model: Path, batch: int) -> Timings:
     from transformers import AutoConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
     config = AutoConfig.from_pretrained(model, local_files_only=True)
@@ -396,15 +437,151 @@ def throughput(sizes: Sizes) -> Row:
             f"LlamaDecoderLayer, {tokens}; min {min(float_t.wall):.3f} s")
     row.add("ratio streamq / float forward per layer, wall",
             f"{statistics.median(layer_s) / statistics.median(float_t.wall):.2f}",
-            f"ratio of minima {min(layer_s) / min(float_t.wall):.2f}; a step runs the layer twice "
-            "(float pass to observe, quantized pass to propagate) and loads, quantizes and writes it")
-    # The report has wall time per step only; the run's CPU time less the import floor's, spread
-    # over the layers, also counts the embedding, lm_head and final files (small next to layers).
-    streamq_cpu = (run.cpu_s - import_floor()["cpu_s"]) / len(layer_s)
+            f"ratio of minima {min(layer_s) / min(float_t.wall):.2f}; this data-free step runs the quantized "
+            "layer, the float layer on the first batch, and loads, quantizes and writes the layer")
+    streamq_cpu = statistics.mean(run.layer_cpu_seconds())
     row.add("ratio streamq / float forward per layer, CPU time",
             f"{streamq_cpu / statistics.mean(float_t.cpu):.2f}",
-            f"{streamq_cpu:.3f} s vs {statistics.mean(float_t.cpu):.3f} s; less sensitive to other load")
+            f"{streamq_cpu:.3f} s vs {statistics.mean(float_t.cpu):.3f} s; on two threads a loaded machine "
+            "inflates CPU time with spin-waits: layer_cost measures this ratio on one")
     row.commands.append("# the float forward baseline is float_forward_timings() in bench/run.py")
+    return row
+
+
+LAYER_COST_RECIPES = [("data-free", "W8A8_DYNAMIC"), ("calibrated", "W8A8")]
+
+
+def layer_cost(sizes: Sizes) -> Row:
+    """A step's time per layer against a plain float forward of the same layer over the same
+    tokens, for a data-free and a calibrated recipe, each propagating quantized or float outputs,
+    at the bench's calibration size and at 4× as many samples: a step's fixed costs (read,
+    quantize, write) and its first-batch pass shrink against the forward as tokens grow."""
+    row = Row("layer_cost")
+    model = synthetic_checkpoint(sizes, sizes.shallow)
+    row.commands.append(synth_command(sizes, sizes.shallow))
+    for samples in (sizes.samples, 4 * sizes.samples):
+        layer_cost_at(row, sizes, model, samples)
+    row.commands.append("# the float forward baseline is float_forward_timings() in bench/run.py")
+    return row
+
+
+def layer_cost_at(row: Row, sizes: Sizes, model: Path, samples: int) -> None:
+    # One compute thread on both sides: CPU time is then the work done. With two, a thread that
+    # waits at a barrier for its descheduled sibling spins, and a loaded machine inflates CPU
+    # time by as much as the work. Other load still slows memory-bound work, and only ever adds:
+    # the verdict compares the least CPU time over equal layers (the forward timed before and
+    # after the runs), with the means beside it.
+    base = synthetic_recipe(sizes, samples=samples)
+    forward = [float_forward_timings(base, model, sizes.batch, threads=1)]
+    runs = {}
+    for label, scheme in LAYER_COST_RECIPES:
+        for propagate in ("quantized", "float"):
+            recipe = synthetic_recipe(sizes, scheme, propagate, samples)
+            runs[label, scheme, propagate] = run = streamq_run(recipe, model, "cpu", threads=1)
+            row.commands += [recipe_command(recipe), run.command]
+    forward.append(float_forward_timings(base, model, sizes.batch, threads=1))
+    f_min = min(c for t in forward for c in t.cpu)
+    f_mean = statistics.mean(c for t in forward for c in t.cpu)
+    f_wall = statistics.median(w for t in forward for w in t.wall)
+    tokens = f"{samples}×{sizes.seq_len} tokens"
+    row.add(f"{tokens}: float forward per layer", f"{f_min:.3f} s CPU",
+            f"least over {sizes.shallow} layers × 2; mean {f_mean:.3f} s, before / after the runs "
+            f"{' / '.join(f'{statistics.mean(t.cpu):.3f}' for t in forward)} s; median wall {f_wall:.3f} s; "
+            f"LlamaDecoderLayer, batch {sizes.batch}, fp32, 1 thread")
+    for (label, scheme, propagate), run in runs.items():
+        cpu = min(run.layer_cpu_seconds()) / f_min
+        verdict = "met" if cpu <= LAYER_COST_TARGET else "MISSED"
+        row.add(f"{tokens}: {label} {scheme}, propagate {propagate}: step / float forward", f"{cpu:.2f}",
+                f"target ≤ {LAYER_COST_TARGET}: {verdict}; means "
+                f"{statistics.mean(run.layer_cpu_seconds()) / f_mean:.2f} CPU, "
+                f"medians {statistics.median(run.layer_seconds()) / f_wall:.2f} wall; "
+                f"{passes_run(scheme, propagate)}")
+
+
+def passes_run(scheme: str, propagate: str) -> str:
+    """What a dense step computes for these (layerquant.plan_passes), in words."""
+    stats = scheme != "W8A8_DYNAMIC"
+    float_pass = "observed float pass" if stats else "float pass"
+    return {
+        (False, "quantized"): "quantized pass + float pass on the first batch",
+        (False, "float"): "float pass + quantized pass on the first batch",
+        (True, "quantized"): f"{float_pass} + quantized pass",
+        (True, "float"): f"{float_pass} + quantized pass on the first batch",
+    }[stats, propagate] + ", load, quantize, write"
+
+
+# ---------------------------------------------------------------------------------------------
+# cold_read: a DeepSeek-R1-width checkpoint read from a cold cache
+
+
+def deepseek_dir(sizes: Sizes) -> Path:
+    return WORK / f"deepseek-rw-{sizes.ds_layers}L-{sizes.ds_experts}e"
+
+
+def deepseek_synth_argv(sizes: Sizes) -> list:
+    return [PYTHON, "-m", "streamq", "synth", "deepseek-v3", "--out", deepseek_dir(sizes), "--layers",
+            str(sizes.ds_layers), "--experts", str(sizes.ds_experts), "--real-widths", "--vocab", "1024"]
+
+
+def deepseek_checkpoint(sizes: Sizes) -> Path:
+    """DeepSeek-R1 tensor widths in bf16 (hidden 7168, expert width 2048, 128 heads); only the
+    layer and expert counts and the vocabulary are small. Reused when --keep left it."""
+    out = deepseek_dir(sizes)
+    if not (out / "model.safetensors.index.json").exists():
+        print(f"  writing {shown(out)}", flush=True)
+        subprocess.run(deepseek_synth_argv(sizes), check=True, capture_output=True)
+    return out
+
+
+def deepseek_recipe(sizes: Sizes) -> Path:
+    """Data-free W8A8_DYNAMIC with a small calibration set: the run is bound by weights, not tokens."""
+    path = WORK / "deepseek-w8a8_dynamic.toml"
+    path.write_text("""\
+[calibration]
+source = "builtin"
+samples = 4
+seq_len = 64
+
+[quant]
+scheme = "W8A8_DYNAMIC"
+w_method = "MinMax"
+disable_last_linear = true
+
+[run]
+device = "cpu"
+batch_size = 4
+compute_dtype = "bfloat16"
+""")
+    return path
+
+
+def cold_read(sizes: Sizes) -> Row:
+    """A run from a cold page cache against the larger of its two floors: copying the input from
+    a cold cache, and the same run with the input already cached."""
+    row = Row("cold_read")
+    model, recipe = deepseek_checkpoint(sizes), deepseek_recipe(sizes)
+    size = safetensors_bytes(model)
+    copy_s, copy_cold = sequential_read_seconds(model)
+    cold = streamq_run(recipe, model, "cpu", cold=True)
+    hot = streamq_run(recipe, model, "cpu", cold=False)
+    row.commands += [command_line(deepseek_synth_argv(sizes)), recipe_command(recipe),
+                     f"sync; echo 3 > /proc/sys/vm/drop_caches; time cat {shown(model)}/*.safetensors > /dev/null",
+                     f"sync; echo 3 > /proc/sys/vm/drop_caches; {PYTHON_SHOWN} -c 'import streamq.cli, "
+                     f"streamq.pipeline'; time {cold.command}",
+                     f"cat {shown(model)}/*.safetensors > /dev/null; time {hot.command}"]
+    cache = "cold cache" if copy_cold and cold.cold else "warm cache (page cache could not be dropped)"
+    layers = f"{sizes.ds_layers} layers, {sizes.ds_experts} routed experts"
+    row.add(f"copy of the input ({size / MB:.0f} MB bf16, {layers})", f"{copy_s:.1f} s",
+            f"`cat` to /dev/null, {size / MB / copy_s:.0f} MB/s, {cache}")
+    for name, run in (("cold", cold), ("hot", hot)):
+        row.add(f"streamq run, {name} cache", f"{run.wall_s:.1f} s",
+                f"{run.cpu_s:.0f} s CPU, peak RSS {mib(run.peak_rss_bytes)}; data-free W8A8_DYNAMIC, bf16 compute")
+    floor = max(copy_s, hot.wall_s)
+    ratio = cold.wall_s / floor
+    row.add("ratio cold run / max(cold copy, hot run)", f"{ratio:.2f}",
+            f"target ≤ {COLD_READ_TARGET}: {'met' if ratio <= COLD_READ_TARGET else 'MISSED'}; "
+            f"the floor is the {'hot run' if hot.wall_s >= copy_s else 'copy'}; hot/cold CPU "
+            f"{hot.cpu_s:.0f}/{cold.cpu_s:.0f} s shows how far other load moved between them")
     return row
 
 
@@ -459,7 +636,8 @@ def eval_rss(sizes: Sizes) -> Row:
     return row
 
 
-ROWS = {"rss_depth": rss_depth, "throughput": throughput, "smollm2": smollm2, "eval_rss": eval_rss}
+ROWS = {"rss_depth": rss_depth, "throughput": throughput, "layer_cost": layer_cost, "cold_read": cold_read,
+        "smollm2": smollm2, "eval_rss": eval_rss}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,22 +695,23 @@ def run_row(name: str, sizes: Sizes) -> Row:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=sorted(ROWS), help="run one row (writes bench/work/run/results-NAME.md)")
+    ap.add_argument("--only", choices=sorted(ROWS), action="append",
+                    help="run this row (repeatable; writes bench/work/run/results-NAME.md)")
     ap.add_argument("--quick", action="store_true", help="smaller models and calibration")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints in bench/work/run")
     ap.add_argument("--out", type=Path, help="where to write the Markdown table")
     args = ap.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     sizes = QUICK if args.quick else FULL
-    names = [args.only] if args.only else list(ROWS)
+    names = args.only or list(ROWS)
     # A partial run must not replace the full table.
-    out = args.out or (WORK / f"results-{args.only}.md" if args.only else BENCH / "results.md")
+    out = args.out or (WORK / f"results-{'-'.join(args.only)}.md" if args.only else BENCH / "results.md")
     WORK.mkdir(parents=True, exist_ok=True)
     try:
         rows = [run_row(name, sizes) for name in names]
     finally:
         if not args.keep:
-            for path in [*WORK.glob("llama-*"), WORK / "out"]:
+            for path in [*WORK.glob("llama-*"), *WORK.glob("deepseek-rw-*"), WORK / "out"]:
                 shutil.rmtree(path, ignore_errors=True)
     text = markdown(rows, sizes, argv)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,9 +7,14 @@ import torch
 FP8_BLOCK = 128
 
 
+def _absmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """max |x| along dim (kept), exactly, from two reductions: no full-size |x| temporary."""
+    return torch.maximum(-x.amin(dim=dim, keepdim=True), x.amax(dim=dim, keepdim=True))
+
+
 def absmax_scale(W: torch.Tensor, qmax: float) -> torch.Tensor:
     """Per-row symmetric scale max|W| / qmax, [n, 1] fp32; an all-zero row gets scale 1 (not 0)."""
-    s = W.float().abs().amax(dim=1, keepdim=True) / qmax
+    s = _absmax(W.float(), dim=1) / qmax
     return torch.where(s > 0, s, torch.ones_like(s))
 
 
@@ -56,7 +61,9 @@ def minmax_affine_groups(W: torch.Tensor, G: int, qmin: int, qmax: int) -> tuple
 def quantize_groups(W: torch.Tensor, s: torch.Tensor, z: torch.Tensor, G: int, qmin: int, qmax: int) -> torch.Tensor:
     """Per-group affine quantization: q = clamp(round(W / s + z)), int8 [n, k]."""
     Wg = group_view(W.float(), G)
-    q = torch.clamp(torch.round(Wg / s.unsqueeze(2) + z.unsqueeze(2)), qmin, qmax)
+    # In place after the division: one full-size temporary instead of four (each a fresh
+    # zero-filled mapping for a layer-sized W).
+    q = (Wg / s.unsqueeze(2)).add_(z.unsqueeze(2)).round_().clamp_(qmin, qmax)
     return q.reshape(W.shape).to(torch.int8)
 
 
@@ -67,9 +74,9 @@ def dequantize_groups(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, G: int)
 
 def fake_quant_per_token(x: torch.Tensor, qmax: int = 127) -> torch.Tensor:
     """Per-token symmetric int8 round trip (the dynamic-activation path of the consumer)."""
-    s = x.abs().amax(dim=-1, keepdim=True) / qmax
+    s = _absmax(x, dim=-1) / qmax
     s = torch.where(s > 0, s, torch.ones_like(s))
-    return torch.clamp(torch.round(x / s), -qmax, qmax) * s
+    return (x / s).round_().clamp_(-qmax, qmax).mul_(s)  # in place: one temporary, not three
 
 
 def dequant_fp8_blocks(w: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:

@@ -84,6 +84,9 @@ def steady_host_memory() -> None:
     libc = _libc()
     if libc:
         libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    # What exists now (modules, classes, the plan) lives for the whole run: frozen, it is left out
+    # of the collection after every step, which otherwise walks ~350k objects (a third of a second).
+    gc.freeze()
 
 
 def release_host_memory() -> None:

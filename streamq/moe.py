@@ -7,7 +7,10 @@ A layer runs in two phases over the calibration states:
   experts: per chunk of experts (sized by a memory budget, read ahead as a unit): for each
            expert, add its float contribution to the float sum and its quantized contribution to
            the quantized sum, write its tensors and free them.
-The attention of a batch is computed once per pass, never once per chunk.
+The attention of a batch is computed once per pass, never once per chunk. As in dense layers
+(layerquant.plan_passes), a pass covers every calibration row only when it is propagated or
+feeds statistics (the base's static ranges and Hessians come from the float pass, the experts'
+Hessians from the quantized one); otherwise it covers the first batch, which rel_error compares.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ import torch
 
 from . import faults
 from .arch.base import Step
-from .layerquant import needs_hessian, observe_inputs, quantize_linears, static_inputs
+from .layerquant import (needs_hessian, needs_statistics, observe_inputs, plan_passes, quantize_linears,
+                         rel_error, static_inputs)
 from .steps import Context, load_float, prefetch_float, write_outputs
 
 EXPERT_TAG = ".mlp.experts."
@@ -35,10 +39,10 @@ def _is_expert(name: str) -> bool:
     return EXPERT_TAG in name
 
 
-def _run_base(ctx: Context, base, inputs, n_tokens_shape, moe: bool) -> BasePass:
-    """One pass of the base over all calibration batches; `inputs(i, j)` gives batch rows i:j."""
+def _run_base(ctx: Context, base, inputs, n_tokens_shape, moe: bool, S: int) -> BasePass:
+    """One pass of the base over calibration rows 0:S in batches; `inputs(i, j)` gives rows i:j."""
     arch = ctx.arch
-    S, L, h = n_tokens_shape
+    _, L, h = n_tokens_shape
     rotary = ctx.rotary_for(L)
     out = torch.empty(S, L, h)
     x = torch.empty(S, L, h) if moe else None
@@ -98,8 +102,11 @@ def _quantize_expert(ctx: Context, step: Step, expert, prefix: str, Q: BasePass,
     return quantize_linears(expert, prefix, args, step.groups, obs, ctx.plan.model_dtype)
 
 
-def _experts_phase(ctx: Context, step: Step, F: BasePass, Q: BasePass) -> dict:
+def _experts_phase(ctx: Context, step: Step, F: BasePass, Q: BasePass, rows: int) -> dict:
+    """`rows`: the calibration rows; experts without tokens are counted on a pass over all of
+    them, the float one when it covers them."""
     i = step.index
+    counted = F if F.out.shape[0] == rows else Q
     unrouted = []
     chunks = _expert_chunks(ctx, step)
     names_of = [[n for e in chunk for n in step.shapes if n.startswith(ctx.arch.expert_prefix(i, e) + ".")]
@@ -113,10 +120,11 @@ def _experts_phase(ctx: Context, step: Step, F: BasePass, Q: BasePass) -> dict:
             prefix = ctx.arch.expert_prefix(i, e)
             own = [n for n in names if n.startswith(prefix + ".")]
             expert = ctx.arch.build_expert(i, e, raw, ctx.device, ctx.cdt)
-            if _add_expert(F.out, expert, F, e, ctx) == 0:
-                unrouted.append(e)
+            n_float = _add_expert(F.out, expert, F, e, ctx)
             quantized = _quantize_expert(ctx, step, expert, prefix, Q, e)
-            _add_expert(Q.out, expert, Q, e, ctx)
+            n_quant = _add_expert(Q.out, expert, Q, e, ctx)
+            if (n_float if counted is F else n_quant) == 0:
+                unrouted.append(e)
             # Written (in plan order: expert by expert) and released at once, so the host holds
             # one expert's quantized tensors, not a chunk's.
             write_outputs(ctx, step, raw, quantized, own)
@@ -131,8 +139,9 @@ def base_names(step: Step) -> list[str]:
     return [n for n in step.shapes if not _is_expert(n)]
 
 
-def _base_phase(ctx: Context, step: Step, make_inputs, shape) -> tuple[BasePass, BasePass]:
-    """`make_inputs(base)` returns `inputs(i, j)`: the base's input for calibration rows i:j."""
+def _base_phase(ctx: Context, step: Step, make_inputs, shape, propagate: str) -> tuple[BasePass, BasePass]:
+    """`make_inputs(base)` returns `inputs(i, j)`: the base's input for calibration rows i:j.
+    The pass named by `propagate` covers every row; the other too when it feeds statistics."""
     names = base_names(step)
     raw = load_float(ctx, step, names)
     base = ctx.arch.build_base(step, raw, ctx.device, ctx.cdt)
@@ -142,11 +151,17 @@ def _base_phase(ctx: Context, step: Step, make_inputs, shape) -> tuple[BasePass,
     args = {n: a for n, a in ctx.plan.args.items() if n in step.linears and not _is_expert(n)
             and n in _submodules(base, prefix)}
     quantizable = [n for n, a in args.items() if a.scheme != "FLOAT"]
+    experts = {n: a for n, a in ctx.plan.args.items() if n in step.linears and _is_expert(n)}
+    p = plan_passes(shape[0], ctx.recipe.run.batch_size, propagate, needs_statistics(args),
+                    bool(needs_hessian(experts)))
+    # Without quantized base linears the quantized base is the float one: one pass serves both.
+    f_rows = p.float_rows if quantizable else max(p.float_rows, p.quant_rows)
     with observe_inputs(base, prefix, step.groups, quantizable, needs_hessian(args), ctx.recipe.make_range,
                         static_inputs(args)) as obs:
-        F = _run_base(ctx, base, inputs, shape, moe)
+        F = _run_base(ctx, base, inputs, shape, moe, f_rows)
     quantized = quantize_linears(base, prefix, args, step.groups, obs, ctx.plan.model_dtype)
-    Q = _run_base(ctx, base, inputs, shape, moe) if quantized else BasePass(F.out.clone(), F.x, F.idx, F.w)
+    Q = _run_base(ctx, base, inputs, shape, moe, p.quant_rows) if quantized \
+        else BasePass(F.out.clone(), F.x, F.idx, F.w)
     head = _mtp_head(ctx, step, raw)
     write_outputs(ctx, step, raw, {**quantized, **head}, names)
     return F, Q
@@ -169,15 +184,18 @@ def _mtp_head(ctx: Context, step: Step, raw: dict) -> dict:
     return {name: q["head"]}
 
 
-def _finish(F: BasePass, Q: BasePass, propagate: str):
-    err = float((Q.out - F.out).norm() / F.out.norm().clamp_min(1e-30))
-    return (F.out if propagate == "float" else Q.out), err
+def _finish(ctx: Context, F: BasePass, Q: BasePass, propagate: str):
+    """The propagated states, and rel_error over the first calibration batch."""
+    b = ctx.recipe.run.batch_size
+    return (F.out if propagate == "float" else Q.out), rel_error(Q.out[:b], F.out[:b])
 
 
 def step_deepseek_layer(ctx: Context, step: Step, H):
-    F, Q = _base_phase(ctx, step, lambda base: lambda i, j: H[i:j].to(ctx.device, ctx.cdt), tuple(H.shape))
-    stats = _experts_phase(ctx, step, F, Q) if ctx.arch.is_moe(step.index) else {}
-    H_next, err = _finish(F, Q, ctx.recipe.run.propagate)
+    propagate = ctx.recipe.run.propagate
+    F, Q = _base_phase(ctx, step, lambda base: lambda i, j: H[i:j].to(ctx.device, ctx.cdt), tuple(H.shape),
+                       propagate)
+    stats = _experts_phase(ctx, step, F, Q, H.shape[0]) if ctx.arch.is_moe(step.index) else {}
+    H_next, err = _finish(ctx, F, Q, propagate)
     return H_next, {**stats, "rel_error": err}
 
 
@@ -201,9 +219,11 @@ def step_mtp(ctx: Context, step: Step, H):
     def make_inputs(base):
         return lambda i, j: ctx.arch.mtp_input(base, h_main[i:j].to(ctx.device, ctx.cdt),
                                                next_embeds[i:j].to(ctx.device, ctx.cdt))
-    F, Q = _base_phase(ctx, step, make_inputs, tuple(h_main.shape))
-    stats = _experts_phase(ctx, step, F, Q)
-    _, err = _finish(F, Q, ctx.recipe.run.propagate)
+    # Nothing is propagated, but the float pass still covers every row so that the report's
+    # experts_without_tokens counts all calibration tokens.
+    F, Q = _base_phase(ctx, step, make_inputs, tuple(h_main.shape), "float")
+    stats = _experts_phase(ctx, step, F, Q, h_main.shape[0])
+    _, err = _finish(ctx, F, Q, "float")
     return H, {**stats, "rel_error": err}
 
 

@@ -44,32 +44,40 @@ class RangeObserver:
 
 class MinMax(RangeObserver):
     """The observed extremes. "global": over all batches; "mean": msModelSlim's average of each
-    batch's min and max, which damps a single extreme batch."""
+    batch's min and max, which damps a single extreme batch.
+
+    The running extremes and sums stay on the input's device (float64, so the sums are exactly
+    the host float sums) until `range()` reads them: no host synchronisation per batch."""
 
     def __init__(self, aggregate: str = "global"):
         if aggregate not in AGGREGATES:
             raise StreamqError(f"unknown activation range aggregate {aggregate!r}",
                                f"use one of {', '.join(AGGREGATES)}")
         self.aggregate = aggregate
-        self.lo, self.hi = math.inf, -math.inf        # global extremes
-        self.sum_lo, self.sum_hi, self.batches = 0.0, 0.0, 0  # for the mean of per-batch extremes
+        self.batches = 0
+        self.acc: torch.Tensor | None = None   # [global lo, global hi, Σ batch lo, Σ batch hi]
 
     def update(self, x: torch.Tensor) -> None:
         if x.numel() == 0:
             return
-        lo, hi = _extremes(x)
-        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
-        self.sum_lo, self.sum_hi, self.batches = self.sum_lo + lo, self.sum_hi + hi, self.batches + 1
+        e = torch.stack(torch.aminmax(x.detach())).double()
+        if self.acc is None:
+            self.acc = torch.cat([e, e])
+        else:
+            a = self.acc
+            self.acc = torch.cat([torch.minimum(a[:1], e[:1]), torch.maximum(a[1:2], e[1:]), a[2:] + e])
+        self.batches += 1
 
     def range(self) -> ActRange:
         if self.batches == 0:   # nothing seen: the degenerate range the scheme widens to contain 0
             return ActRange(0.0, 0.0)
-        return AGGREGATES[self.aggregate](self)
+        lo, hi, sum_lo, sum_hi = self.acc.tolist()
+        return AGGREGATES[self.aggregate](lo, hi, sum_lo, sum_hi, self.batches)
 
 
-AGGREGATES = {
-    "global": lambda m: ActRange(m.lo, m.hi),
-    "mean": lambda m: ActRange(m.sum_lo / m.batches, m.sum_hi / m.batches),
+AGGREGATES = {  # (global lo, global hi, Σ batch lo, Σ batch hi, batches) → range
+    "global": lambda lo, hi, sum_lo, sum_hi, n: ActRange(lo, hi),
+    "mean": lambda lo, hi, sum_lo, sum_hi, n: ActRange(sum_lo / n, sum_hi / n),
 }
 
 
