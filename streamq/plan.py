@@ -26,7 +26,10 @@ DESCRIPTION_NAME = "quant_model_description.json"
 
 # model_quant_type is the highest-priority type present (FORMAT.md §2). W4A8_DYNAMIC is never
 # reported: it counts as W8A8_DYNAMIC, which MindIE requires for the DeepSeek W4A8 mix.
-TYPE_PRIORITY = ["FLOAT", "W8A16", "W4A16", "W8A8_DYNAMIC", "W8A8_MIX", "W8A8"]
+# W8A8S is not in FORMAT.md's list: it is W8A8 with other weight values, so it ranks with W8A8
+# (verify.RANK accepts either). Placed last, it wins the tie: an output with W8A8S linears reports
+# "W8A8S", as msModelSlim's sparse checkpoints do.
+TYPE_PRIORITY = ["FLOAT", "W8A16", "W4A16", "W8A8_DYNAMIC", "W8A8_MIX", "W8A8", "W8A8S"]
 REPORTED_AS = {"W4A8_DYNAMIC": "W8A8_DYNAMIC", "C8": "FLOAT"}
 
 

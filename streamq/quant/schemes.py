@@ -16,6 +16,7 @@ from ..kernels.affine import absmax_scale, dequantize_groups, quantize_sym
 from ..kernels.pack import pack_int4
 from ..recipe import QuantArgs
 from .methods import choose
+from .sparse import sparse_scale
 
 Spec = tuple[str, torch.dtype, tuple[int, ...]]  # (suffix, dtype, shape)
 
@@ -103,7 +104,7 @@ class W8A8Dynamic(Scheme):
     def quantize(self, name, W, b, args, dt, act_range, H=None):
         q, s_w, info = _per_channel_int8(name, W, dt, args, H)
         tensors = {"weight": q, "weight_scale": s_w.to(dt), "weight_offset": torch.zeros_like(s_w).to(dt)}
-        return Quantized(tensors, q.float() * s_w, self.act, info=info)
+        return Quantized(tensors, q.float().mul_(s_w), self.act, info=info)
 
 
 class W8A16(W8A8Dynamic):
@@ -149,7 +150,7 @@ class W8A8Static(Scheme):
         if act_range is None:
             raise StreamqError(f"{name}: {self.name} needs calibration statistics of its input",
                                "this is a bug: the layer's observer did not run")
-        q, s_w, info = _per_channel_int8(name, W, dt, args, H)
+        q, s_w, info = self.weights(name, W, dt, args, H)
         lo, hi = min(act_range.lo, 0.0), max(act_range.hi, 0.0)
         s_x = _rounded(torch.tensor([max(hi - lo, 1e-8) / 255]), dt)
         o_x = _rounded(torch.round(-lo / s_x) - 128, dt)
@@ -159,7 +160,27 @@ class W8A8Static(Scheme):
         tensors = {"weight": q, "weight_scale": s_w.to(dt), "weight_offset": torch.zeros_like(s_w).to(dt),
                    "input_scale": s_x.to(dt), "input_offset": o_x.to(dt),
                    "deq_scale": _deq_scale_tensor(deq, dt), "quant_bias": quant_bias}
-        return Quantized(tensors, q.float() * s_w, self.act, float(s_x), float(o_x), info)
+        return Quantized(tensors, q.float().mul_(s_w), self.act, float(s_x), float(o_x), info)
+
+    def weights(self, name, W, dt, args, H):
+        return _per_channel_int8(name, W, dt, args, H)
+
+
+class W8A8Sparse(W8A8Static):
+    """W8A8S: W8A8's tensors and activation path; the weights fitted with outlier protection
+    (quant/sparse.py). GPTQ may choose q on that grid; HQQ and ssz would refit the scale."""
+    name = "W8A8S"
+
+    def check(self, name, n, k, args):
+        super().check(name, n, k, args)
+        _require(args.w_method in ("minmax", "gptq"), name, self.name, "w_method MinMax or GPTQ (its scale is "
+                 f"fitted on the inliers, which {args.w_method} would replace)", "set w_method in the rule")
+
+    def weights(self, name, W, dt, args, H):
+        s, share = sparse_scale(W, args.outliers)
+        s = _rounded(s, dt)
+        q, s, _, info = choose(W, W.shape[1], -127, 127, True, args, H, lambda _: s, name)
+        return q, s, {**info, "outlier_share": share}
 
 
 class W8A8Mix(W8A8Static):
@@ -221,7 +242,7 @@ class W4A8TwoLevel(Scheme):
 
 
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (W8A8Dynamic(), W8A16(), W4A16(), W8A8Static(), W8A8Mix(),
-                                                   W4A8TwoLevel())}
+                                                   W8A8Sparse(), W4A8TwoLevel())}
 
 
 def specs_for(name: str, n: int, k: int, args: QuantArgs, dt: torch.dtype) -> list[Spec]:
