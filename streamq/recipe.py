@@ -22,7 +22,7 @@ from .errors import StreamqError
 # Schemes streamq can write, and whether this build implements them yet. A named scheme that is
 # not implemented is an error at load time, never a silent fallback.
 KNOWN_SCHEMES = ("FLOAT", "W8A8", "W8A8_DYNAMIC", "W8A8_MIX", "W8A16", "W4A16", "W4A8_DYNAMIC", "W8A8S")
-UNIMPLEMENTED_SCHEMES = ("W8A8S",)
+UNIMPLEMENTED_SCHEMES: tuple[str, ...] = ()
 GROUPED_SCHEMES = ("W4A16", "W4A8_DYNAMIC")  # the schemes group_size applies to
 W_METHODS = ("minmax", "gptq", "hqq", "ssz")
 
@@ -36,19 +36,26 @@ MSMODELSLIM_SCHEMES = {
     (4, 16, True): "W4A16",
     (4, 8, True): "W4A8_DYNAMIC",
 }
+# With is_lowbit = true, msModelSlim reads w_bit = 4, a_bit = 8 (static) as its low-bit sparse
+# quantization, whose output is typed W8A8S.
+LOWBIT_SCHEMES = {(4, 8, False): "W8A8S"}
 
 # msModelSlim options that streamq knows but does not implement yet: accepted only at their
 # neutral value so that a recipe asking for them fails loudly instead of being ignored.
 NEUTRAL_OPTIONS = {
-    "co_sparse": False,
-    "is_lowbit": False,
-    "use_sigma": False,
-    "disable_level": "",
     "nonuniform": False,
-    "sigma_factor": 3.0,
-    "open_outlier": True,
-    "fraction": 0.01,
 }
+# msModelSlim's sparse-quantization words: is_lowbit picks W8A8S, the others shape its weight fit.
+SPARSE_KEYS = ("is_lowbit", "co_sparse", "open_outlier", "use_sigma", "sigma_factor", "fraction")
+
+
+@dataclass(frozen=True)
+class Outliers:
+    """Which weights of a W8A8S row keep the int8 range (the rest lie on a 4-bit grid)."""
+    open_outlier: bool = True    # false: no outliers, every weight on the 4-bit grid
+    use_sigma: bool = False      # true: |W − mean| > sigma_factor·std of the row; false: top `fraction` by |W|
+    sigma_factor: float = 3.0    # msModelSlim's range [3, 4]
+    fraction: float = 0.01       # msModelSlim's range [0.01, 0.1]
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,7 @@ class QuantArgs:
     w_sym: bool = True
     percdamp: float = 0.01       # GPTQ damping, relative to mean(diag H)
     act_order: bool = False      # GPTQ: columns by decreasing diag(H), static group mapping
+    outliers: Outliers = Outliers()  # W8A8S only
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,7 @@ class Run:
     propagate: str = "quantized"  # next layer sees the quantized ("quantized") or float output
     expert_budget_gb: float = 8.0  # routed experts read per chunk (host memory; read ahead as a unit)
     read_ahead: bool = True        # read the next layer / expert chunk while this one computes
+    write_behind_gb: float = 0.5   # output bytes queued for the writer thread (0: write in line)
 
 
 @dataclass(frozen=True)
@@ -103,9 +112,10 @@ class Recipe:
     output: str = ""
     shard_size_gb: float = 4.0
     mtp: str = "quantize"        # the MTP layer: quantize by the rules, keep "float", or "drop" it
-    anti_method: str = ""        # anti-outlier smoothing: "" (none), "m1" SmoothQuant, "m4" iter-smooth
-    alpha: float | None = None   # smoothing strength (default 0.5 for m1, 0.9 for m4)
-    anti_symmetric: bool = True  # m4 only: false shifts by the channel midpoint (adds norm biases)
+    anti_method: str = ""        # anti-outlier smoothing: "" (none), "m1" SmoothQuant, "m4" iter-smooth, "m6" flex
+    alpha: float | None = None   # smoothing strength (default 0.5 for m1, 0.9 for m4; m6 searches it)
+    anti_symmetric: bool = True  # m4 / m6: false shifts by the channel midpoint (adds norm biases)
+    disable_level: int = 0       # msModelSlim "L<n>": the n linears with the most outlying inputs stay FLOAT
     act_method: int = 1          # static activation range: 1 min-max, 2 histogram (MSE), 3 auto-mix
     act_aggregate: str = "global"  # min-max over batches: "global" extremes or "mean" of per-batch
     use_kvcache_quant: bool = False  # KV cache C8 (dense attention): per-channel K/V scale and offset
@@ -139,7 +149,7 @@ class Recipe:
                 "disable_last_linear": self.disable_last_linear,
                 "anti_method": self.anti_method, "alpha": self.alpha, "anti_symmetric": self.anti_symmetric,
                 "act_method": self.act_method, "act_aggregate": self.act_aggregate,
-                "use_kvcache_quant": self.use_kvcache_quant,
+                "use_kvcache_quant": self.use_kvcache_quant, "disable_level": self.disable_level,
             },
             "calibration": dataclasses.asdict(self.calibration),
             "run": {"compute_dtype": self.run.compute_dtype, "propagate": self.run.propagate},
@@ -162,12 +172,15 @@ TABLE_KEYS = {
     "model": {"path", "mtp"},
     "output": {"path", "shard_size_gb", "config"},
     "calibration": {"source", "text_field", "samples", "seq_len", "seed"},
-    "run": {"device", "batch_size", "compute_dtype", "propagate", "expert_budget_gb", "read_ahead"},
+    "run": {"device", "batch_size", "compute_dtype", "propagate", "expert_budget_gb", "read_ahead",
+            "write_behind_gb"},
 }
 ARG_KEYS = {"scheme", "group_size", "w_method", "w_sym", "w_bit", "a_bit", "is_dynamic", "percdamp", "act_order"}
 QUANT_KEYS = ARG_KEYS | {"rules", "disable_names", "disable_last_linear", "anti_method", "do_smooth", "alpha",
-                         "anti_symmetric", "act_method", "act_aggregate", "use_kvcache_quant"} | set(NEUTRAL_OPTIONS)
-ANTI_METHODS = ("", "m1", "m4")
+                         "anti_symmetric", "act_method", "act_aggregate", "use_kvcache_quant", "disable_level"} | set(NEUTRAL_OPTIONS) \
+    | set(SPARSE_KEYS)
+ANTI_METHODS = ("", "m1", "m4", "m6")
+DISABLE_LEVEL = re.compile(r"L(\d{1,6})")
 RULE_KEYS = ARG_KEYS | {"match"}
 
 
@@ -193,10 +206,13 @@ def _parse_args(table: dict, base: QuantArgs, where: str, path: Path) -> QuantAr
     scheme = table.get("scheme")
     if scheme is None and {"w_bit", "a_bit"} & table.keys():
         bits = (table.get("w_bit", 8), table.get("a_bit", 8), table.get("is_dynamic", False))
-        scheme = MSMODELSLIM_SCHEMES.get(bits)
+        words = LOWBIT_SCHEMES if table.get("is_lowbit") is True else MSMODELSLIM_SCHEMES
+        scheme = words.get(bits)
         if scheme is None:
-            raise StreamqError(f"{path}: no scheme for w_bit={bits[0]}, a_bit={bits[1]}, is_dynamic={bits[2]} in {where}",
-                               f"supported combinations: {sorted(MSMODELSLIM_SCHEMES)}")
+            raise StreamqError(f"{path}: no scheme for w_bit={bits[0]}, a_bit={bits[1]}, is_dynamic={bits[2]} in {where}"
+                               + (" with is_lowbit = true (msModelSlim's low-bit precision tuning of other schemes "
+                                  "is not implemented)" if words is LOWBIT_SCHEMES else ""),
+                               f"supported combinations: {sorted(words)}")
     scheme = _typed(scheme if scheme is not None else base.scheme, str, where + "scheme", path).upper()
     if scheme not in KNOWN_SCHEMES:
         close = difflib.get_close_matches(scheme, KNOWN_SCHEMES, n=1)
@@ -223,7 +239,7 @@ def _parse_args(table: dict, base: QuantArgs, where: str, path: Path) -> QuantAr
         raise StreamqError(f"{path}: {where}percdamp must be in (0, 1), got {percdamp}", "0.01 is the usual value")
     act_order = _typed(table.get("act_order", base.act_order), bool, where + "act_order", path)
     return QuantArgs(scheme=scheme, group_size=group_size, w_method=w_method, w_sym=w_sym, percdamp=percdamp,
-                     act_order=act_order)
+                     act_order=act_order, outliers=base.outliers)
 
 
 def _check_neutral(quant: dict, path: Path) -> None:
@@ -231,6 +247,50 @@ def _check_neutral(quant: dict, path: Path) -> None:
         if key in quant and quant[key] != neutral:
             raise StreamqError(f"{path}: quant.{key} = {quant[key]!r} is not implemented in this version",
                                f"remove the key or set it to {neutral!r}")
+
+
+def _parse_outliers(quant: dict, path: Path) -> Outliers:
+    """The W8A8S outlier words, typed and within msModelSlim's documented ranges. A word that
+    would have no effect beside the others is an error, unless it sits at its default value."""
+    d = Outliers()
+    o = Outliers(open_outlier=_typed(quant.get("open_outlier", d.open_outlier), bool, "quant.open_outlier", path),
+                 use_sigma=_typed(quant.get("use_sigma", d.use_sigma), bool, "quant.use_sigma", path),
+                 sigma_factor=_typed(quant.get("sigma_factor", d.sigma_factor), float, "quant.sigma_factor", path),
+                 fraction=_typed(quant.get("fraction", d.fraction), float, "quant.fraction", path))
+    if not 3 <= o.sigma_factor <= 4:
+        raise StreamqError(f"{path}: quant.sigma_factor must be in [3, 4], got {o.sigma_factor}",
+                           "3 (msModelSlim's default) protects more weights than 4")
+    if not 0.01 <= o.fraction <= 0.1:
+        raise StreamqError(f"{path}: quant.fraction must be in [0.01, 0.1], got {o.fraction}",
+                           "the share of each row's weights kept as outliers; 0.01 is msModelSlim's default")
+    idle = {"sigma_factor": not o.use_sigma or not o.open_outlier, "fraction": o.use_sigma or not o.open_outlier,
+            "use_sigma": not o.open_outlier}
+    for key, unused in idle.items():
+        if unused and getattr(o, key) != getattr(d, key):
+            raise StreamqError(f"{path}: quant.{key} = {json.dumps(quant[key])} has no effect with open_outlier = "
+                               f"{str(o.open_outlier).lower()}, use_sigma = {str(o.use_sigma).lower()}",
+                               "outliers are chosen by use_sigma + sigma_factor or by fraction, and only when "
+                               "open_outlier = true; remove the key")
+    return o
+
+
+def _check_sparse_words(quant: dict, schemes: list[str], path: Path) -> None:
+    """is_lowbit, co_sparse and the outlier words apply to W8A8S only; schemes[0] is the default's."""
+    lowbit = _typed(quant.get("is_lowbit", False), bool, "quant.is_lowbit", path)
+    if lowbit and schemes[0] != "W8A8S":
+        raise StreamqError(f"{path}: quant.is_lowbit = true with scheme {schemes[0]}: msModelSlim's low-bit precision "
+                           "tuning is not implemented in this version",
+                           "is_lowbit = true with w_bit = 4, a_bit = 8 is sparse quantization (W8A8S); else remove it")
+    if _typed(quant.get("co_sparse", False), bool, "quant.co_sparse", path) and "W8A8S" not in schemes:
+        raise StreamqError(f"{path}: quant.co_sparse = true: the co_sparse mode is not implemented in this version",
+                           'use scheme = "W8A8S" (msModelSlim prefers its low-bit sparse mode, which W8A8S is, '
+                           "over co_sparse)")
+    d = Outliers()
+    for key in ("open_outlier", "use_sigma", "sigma_factor", "fraction"):
+        if key in quant and quant[key] != getattr(d, key) and "W8A8S" not in schemes:
+            raise StreamqError(f"{path}: quant.{key} = {json.dumps(quant[key])} shapes the weights of W8A8S "
+                               "linears, and no linear uses W8A8S",
+                               'set scheme = "W8A8S" (or is_lowbit = true with w_bit = 4, a_bit = 8), or remove the key')
 
 
 def parse_recipe(text: str, path: Path) -> Recipe:
@@ -244,7 +304,7 @@ def parse_recipe(text: str, path: Path) -> Recipe:
     quant = doc.get("quant", {})
     _check_keys(quant, QUANT_KEYS, "quant.", path)
     _check_neutral(quant, path)
-    default = _parse_args(quant, QuantArgs(), "quant.", path)
+    default = _parse_args(quant, QuantArgs(outliers=_parse_outliers(quant, path)), "quant.", path)
     rules = []
     for i, table in enumerate(quant.get("rules", [])):
         where = f"quant.rules[{i}]."
@@ -258,6 +318,7 @@ def parse_recipe(text: str, path: Path) -> Recipe:
             except re.error as exc:
                 raise StreamqError(f"{path}: {where}match is not a valid regex: {exc}", "fix the pattern") from exc
         rules.append(Rule(match, _parse_args(table, default, where, path)))
+    _check_sparse_words(quant, [default.scheme] + [r.args.scheme for r in rules], path)
     cal, run, out = doc.get("calibration", {}), doc.get("run", {}), doc.get("output", {})
     calibration = Calibration(
         source=_typed(cal.get("source", "builtin"), str, "calibration.source", path),
@@ -275,11 +336,15 @@ def parse_recipe(text: str, path: Path) -> Recipe:
         propagate=_typed(run.get("propagate", "quantized"), str, "run.propagate", path),
         expert_budget_gb=_typed(run.get("expert_budget_gb", 8.0), float, "run.expert_budget_gb", path),
         read_ahead=_typed(run.get("read_ahead", True), bool, "run.read_ahead", path),
+        write_behind_gb=_typed(run.get("write_behind_gb", 0.5), float, "run.write_behind_gb", path),
     )
     _check_choice(runopts.compute_dtype, ("float32", "bfloat16", "float16"), "run.compute_dtype", path)
     _check_choice(runopts.propagate, ("quantized", "float"), "run.propagate", path)
     if runopts.batch_size < 1:
         raise StreamqError(f"{path}: run.batch_size must be >= 1", "fix the value")
+    if not 0 <= runopts.write_behind_gb < float("inf"):
+        raise StreamqError(f"{path}: run.write_behind_gb must be a finite number >= 0, got {runopts.write_behind_gb}",
+                           "0.5 is the default; 0 writes each tensor before the next is computed")
     shard = _typed(out.get("shard_size_gb", 4.0), float, "output.shard_size_gb", path)
     if shard <= 0:
         raise StreamqError(f"{path}: output.shard_size_gb must be > 0", "fix the value")
@@ -314,19 +379,19 @@ def _parse_anti(quant: dict, path: Path) -> dict:
     SmoothQuant, m1) and the static-range observer (act_method, act_aggregate)."""
     do_smooth = _typed(quant.get("do_smooth", False), bool, "quant.do_smooth", path)
     method = _typed(quant.get("anti_method", "m1" if do_smooth else ""), str, "quant.anti_method", path).lower()
-    if method == "m6":
-        raise StreamqError(f"{path}: quant.anti_method = \"m6\" (flex-smooth) is not implemented in this version",
-                           "use m1 (SmoothQuant) or m4 (iter-smooth)")
     _check_choice(method, ANTI_METHODS, "quant.anti_method", path)
     alpha = quant.get("alpha")
+    if alpha is not None and method == "m6":
+        raise StreamqError(f"{path}: quant.alpha does not apply to anti_method = \"m6\", which searches α and β "
+                           "per subgraph", "remove quant.alpha")
     if alpha is not None:
         alpha = _typed(alpha, float, "quant.alpha", path)
         if not 0 <= alpha <= 1:
             raise StreamqError(f"{path}: quant.alpha must be in [0, 1], got {alpha}", "0.5 is SmoothQuant's default")
     symmetric = _typed(quant.get("anti_symmetric", True), bool, "quant.anti_symmetric", path)
-    if not symmetric and method != "m4":
-        raise StreamqError(f"{path}: anti_symmetric = false needs anti_method = \"m4\"",
-                           "the shifted (asymmetric) smoothing is iter-smooth's variant")
+    if not symmetric and method not in ("m4", "m6"):
+        raise StreamqError(f"{path}: anti_symmetric = false needs anti_method = \"m4\" or \"m6\"",
+                           "the shifted (asymmetric) smoothing is a variant of iter-smooth and flex-smooth")
     act_method = _typed(quant.get("act_method", 1), int, "quant.act_method", path)
     if act_method not in (1, 2, 3):
         raise StreamqError(f"{path}: quant.act_method = {act_method} is not 1, 2 or 3",
@@ -335,7 +400,17 @@ def _parse_anti(quant: dict, path: Path) -> dict:
     _check_choice(aggregate, ("global", "mean"), "quant.act_aggregate", path)
     kv = _typed(quant.get("use_kvcache_quant", False), bool, "quant.use_kvcache_quant", path)
     return {"anti_method": method, "alpha": alpha, "anti_symmetric": symmetric, "act_method": act_method,
-            "act_aggregate": aggregate, "use_kvcache_quant": kv}
+            "act_aggregate": aggregate, "use_kvcache_quant": kv, "disable_level": _parse_level(quant, path)}
+
+
+def _parse_level(quant: dict, path: Path) -> int:
+    """msModelSlim's disable_level: "L<n>" (n ≥ 0); "" and "L0" mean none."""
+    word = _typed(quant.get("disable_level", ""), str, "quant.disable_level", path)
+    m = DISABLE_LEVEL.fullmatch(word)
+    if word and m is None:
+        raise StreamqError(f"{path}: quant.disable_level = {word!r} is not \"L<n>\"",
+                           "write for example \"L4\" to keep the 4 linears with the most outlying inputs FLOAT")
+    return int(m.group(1)) if m else 0
 
 
 def _check_choice(value: str, choices: tuple[str, ...], key: str, path: Path) -> None:

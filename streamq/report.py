@@ -52,7 +52,7 @@ def _index(plan: Plan) -> dict:
     return {"metadata": {"total_size": total}, "weight_map": weight_map}
 
 
-def build_report(plan: Plan, records: list[dict], state: dict, files: list[str]) -> dict:
+def build_report(plan: Plan, records: list[dict], state: dict, files: list[str], estimate: dict | None = None) -> dict:
     out_bytes = sum(t.nbytes for s in plan.shards for t in s)
     schemes: dict[str, int] = {}
     for a in plan.args.values():
@@ -62,7 +62,11 @@ def build_report(plan: Plan, records: list[dict], state: dict, files: list[str])
         "files": files,
         "output_bytes": out_bytes,
         "linears_by_scheme": schemes,
+        # disable_level's choice: linear → the outlier ratio max|x|/std of its input
+        "disabled_by_level": state.get("disable_level", {}).get("linears", {}),
         "peak_rss_bytes": max((r["stats"]["peak_rss"] for r in records), default=0),
+        "estimated_peak_rss_bytes": estimate["bytes"] if estimate else None,
+        "estimated_peak_rss": estimate,  # the phase that sets it and its terms (streamq/budget.py)
         "peak_device_bytes": max((r["stats"].get("peak_device") or 0 for r in records), default=0),
         "total_seconds": sum(r["stats"]["seconds"] for r in records),
         "steps": [{"step": r["step"], **r["stats"]} for r in records],
@@ -74,10 +78,15 @@ def markdown(report: dict) -> str:
     lines = ["# streamq run report", "",
              f"- output bytes: {report['output_bytes']:,}",
              f"- linears by scheme: {report['linears_by_scheme']}",
-             f"- peak host RSS: {report['peak_rss_bytes'] / mib:.0f} MiB",
+             f"- peak host RSS: {report['peak_rss_bytes'] / mib:.0f} MiB"
+             + (f" (estimated before the run: {report['estimated_peak_rss_bytes'] / mib:.0f} MiB)"
+                if report.get("estimated_peak_rss_bytes") else ""),
              f"- peak device memory: {report['peak_device_bytes'] / mib:.0f} MiB",
-             f"- compute time: {report['total_seconds']:.1f} s", "",
-             "| step | seconds | peak RSS (MiB) | relative output error |", "|---|---|---|---|"]
+             f"- compute time: {report['total_seconds']:.1f} s", ""]
+    if report.get("disabled_by_level"):
+        lines += ["| kept FLOAT by disable_level | input max\\|x\\|/std |", "|---|---|"]
+        lines += [f"| {name} | {ratio:.1f} |" for name, ratio in report["disabled_by_level"].items()] + [""]
+    lines += ["| step | seconds | peak RSS (MiB) | relative output error (first batch) |", "|---|---|---|---|"]
     for s in report["steps"]:
         err = f"{s['rel_error']:.3e}" if "rel_error" in s else ""
         lines.append(f"| {s['step']} | {s['seconds']:.2f} | {s['peak_rss'] / mib:.0f} | {err} |")
@@ -85,7 +94,7 @@ def markdown(report: dict) -> str:
 
 
 def finalize_outputs(folder: OutputFolder, plan: Plan, reader, config, records: list[dict], state: dict,
-                     config_extra: dict | None = None) -> None:
+                     config_extra: dict | None = None, estimate: dict | None = None) -> None:
     out = folder.out
     _move_shards(folder, plan)
     write_json(out / INDEX_NAME, _index(plan))
@@ -98,7 +107,7 @@ def finalize_outputs(folder: OutputFolder, plan: Plan, reader, config, records: 
         os.replace(tmp, out / src.name)
     files = plan.shard_names() + [INDEX_NAME, "config.json", *(p.name for p in copied), REPORT,
                                   "streamq_report.md", DESCRIPTION_NAME]
-    report = build_report(plan, records, state, files)
+    report = build_report(plan, records, state, files, estimate)
     atomic_write(out / "streamq_report.md", markdown(report).encode())
     write_json(out / REPORT, report)
     write_json(out / DESCRIPTION_NAME, plan.description())

@@ -18,11 +18,15 @@ Methods:
   recentres norm→linear inputs by the channel midpoint and measures the half range instead of
   max|X|. Within one subgraph there is nothing to iterate: applying the rule again to the smoothed
   statistics (max|X|/s, max|W|·s) gives s = 1 wherever no clamp was active.
-- m6, flexible smooth: s = max|X|^α / max|W|^β with (α, β) chosen by grid search on the
-  quantized-matmul error.
+- m6, flexible smooth: s = A^α / max|W|^β, A as in m4, with (α, β) chosen per subgraph on a
+  grid by the error of the quantized matmul Q_a(X/s) Q_w(W·s)ᵀ against the float X Wᵀ, on a token
+  sample of the subgraph's calibration input. Q_w is per-channel symmetric int8; Q_a is what the
+  consumer does (per-tensor static with the calibration range, per-token dynamic, or none). The
+  chosen s is then folded exactly like m4's, shift included.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from itertools import product
 from typing import Callable, Sequence
@@ -30,10 +34,13 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+log = logging.getLogger("streamq")
 SCALE_MIN = 1e-5     # lower bound of s (and of max|W|): keeps 1/s finite
 M1_ALPHA = 0.5       # SmoothQuant's default migration strength
 M4_ALPHA = 0.9       # msModelSlim iter_smooth's default
-FLEX_GRID = tuple(round(0.05 * i, 2) for i in range(21))   # 0, 0.05, …, 1
+FLEX_GRID = tuple(round(0.1 * i, 1) for i in range(11))     # 0, 0.1, …, 1: 121 (α, β) per subgraph
+FLEX_TOKENS = 1024   # tokens of each input the m6 search measures on: bounds its memory and time
+FLEX_ROWS = 256      # output rows it measures on (seeded sample; max|W| still spans every row)
 
 
 # ---- statistics -------------------------------------------------------------------------------
@@ -65,6 +72,32 @@ class ChannelObserver:
         if self.lo is None:
             raise ValueError("the observer has seen no data")
         return ChannelStats(absmax=torch.maximum(self.lo.abs(), self.hi.abs()), min=self.lo.clone(), max=self.hi.clone())
+
+
+class TokenSample:
+    """A fixed random subset of an input's tokens: at most `budget` of the `total` the calibration
+    pass will show, chosen up front (seeded), so memory is O(budget · in). Random rather than
+    strided: a stride that divides the sequence length would over-represent fixed positions (the
+    first token of every sequence carries the largest outliers)."""
+
+    def __init__(self, total: int, budget: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.keep = torch.randperm(total, generator=g)[:budget].sort().values
+        self.seen = 0
+        self.parts: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1])
+        lo, hi = self.seen, self.seen + flat.shape[0]
+        idx = self.keep[(self.keep >= lo) & (self.keep < hi)] - lo
+        self.parts.append(flat[idx.to(flat.device)].float().cpu())
+        self.seen = hi
+
+    def tensor(self) -> torch.Tensor:
+        if not self.parts:
+            raise ValueError("the sampler has seen no data")
+        return torch.cat(self.parts)
 
 
 def asym_shift(stats: ChannelStats) -> torch.Tensor:
@@ -101,13 +134,17 @@ def iter_smooth_scale(stats: ChannelStats, weights: Sequence[torch.Tensor], alph
     The asymmetric A is what remains after the midpoint shift; it follows from the running
     min/max, so one calibration pass serves both variants.
     """
-    a = stats.absmax if symmetric else (stats.max - stats.min) / 2
-    return _power_scale(a, weight_absmax(weights), alpha, 1 - alpha)
+    return _power_scale(act_extent(stats, symmetric), weight_absmax(weights), alpha, 1 - alpha)
 
 
-def flex_scale(act_absmax: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float, beta: float) -> torch.Tensor:
-    """m6: s = max|X|^α / max|W|^β."""
-    return _power_scale(act_absmax, weight_absmax(weights), alpha, beta)
+def act_extent(stats: ChannelStats, symmetric: bool) -> torch.Tensor:
+    """A per channel: max|X| (symmetric), or max|X − δ| = (max − min)/2 after the midpoint shift."""
+    return stats.absmax if symmetric else (stats.max - stats.min) / 2
+
+
+def flex_scale(act: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float, beta: float) -> torch.Tensor:
+    """m6: s = A^α / max|W|^β."""
+    return _power_scale(act, weight_absmax(weights), alpha, beta)
 
 
 def gqa_group_scale(s: torch.Tensor, num_heads: int, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,38 +226,64 @@ def apply_linear_linear(prev: nn.Linear, nxt: nn.Linear, s: torch.Tensor,
 
 # ---- a dense decoder layer --------------------------------------------------------------------
 
+# A rule gives the s of one subgraph: rule(key, weights, symmetric, fold), where key names the
+# input statistics, weights are those reading the input (as they are now), and fold maps s to the
+# scale the consumer's columns really get (GQA reduces it per kv group).
+Rule = Callable[[str, Sequence[torch.Tensor], bool, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
+
+
+def _m1_rule(stats: dict, alpha: float | None, samples: dict | None, acts: dict | None) -> Rule:
+    alpha = M1_ALPHA if alpha is None else alpha
+    return lambda key, weights, sym, fold: smoothquant_scale(stats[key].absmax, weights, alpha)
+
+
+def _m4_rule(stats: dict, alpha: float | None, samples: dict | None, acts: dict | None) -> Rule:
+    alpha = M4_ALPHA if alpha is None else alpha
+    return lambda key, weights, sym, fold: iter_smooth_scale(stats[key], weights, alpha, symmetric=sym)
+
+
+def _m6_rule(stats: dict, alpha: float | None, samples: dict | None, acts: dict | None) -> Rule:
+    if samples is None:
+        raise ValueError("m6 searches on calibration samples: pass samples (key → tokens [T, in])")
+    acts = acts or {}
+    return lambda key, weights, sym, fold: flex_subgraph_scale(stats[key], samples[key], weights, sym,
+                                                                acts.get(key, "per_tensor"), fold)
+
+
+RULES = {"m1": _m1_rule, "m4": _m4_rule, "m6": _m6_rule}
+SHIFTABLE = ("m4", "m6")   # the methods with an asymmetric (midpoint-shift) variant
+
+
 @torch.no_grad()
 def smooth_dense_layer(layer: nn.Module, stats: dict[str, ChannelStats], method: str = "m1",
-                       alpha: float | None = None, symmetric: bool = True) -> dict[str, torch.Tensor]:
+                       alpha: float | None = None, symmetric: bool = True, samples: dict | None = None,
+                       acts: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """Smooth a Llama / Qwen2 / Qwen3 decoder layer in place, subgraphs in msModelSlim's order.
 
     stats holds the input statistics of the unsmoothed layer, keyed like arch.llama.INPUT_GROUPS:
     "attn_in" (q/k/v), "o_in", "mlp_in" (gate/up), "down_in". Order: up→down, v→o, then the two
     norm→linears subgraphs, whose weight maxima therefore include the rows just rescaled. The
-    shift (symmetric=False, m4 only) applies to norm→linears alone: up→down cannot carry one (the
-    gate multiplies after up) and v→o is left symmetric as in msModelSlim. Returns the norm biases
-    created, by norm name ({} when symmetric).
+    shift (symmetric=False, m4 and m6) applies to norm→linears alone: up→down cannot carry one (the
+    gate multiplies after up) and v→o is left symmetric as in msModelSlim. m6 also needs `samples`
+    (the same keys: tokens of each input) and `acts` (key → the consumer's activation quantization,
+    FLOAT_ACT for a float consumer). Returns the norm biases created, by norm name ({} when symmetric).
     """
-    if method not in ("m1", "m4"):
+    if method not in RULES:
         raise ValueError(f"unknown smoothing method {method!r}")
-    if method == "m1" and not symmetric:
-        raise ValueError("m1 (SmoothQuant) is symmetric; use m4 for the shifted variant")
-    alpha = (M1_ALPHA if method == "m1" else M4_ALPHA) if alpha is None else alpha
-
-    def scale(key, weights, sym=True):
-        if method == "m1":
-            return smoothquant_scale(stats[key].absmax, weights, alpha)
-        return iter_smooth_scale(stats[key], weights, alpha, symmetric=sym)
+    if method not in SHIFTABLE and not symmetric:
+        raise ValueError(f"{method} is symmetric; use m4 or m6 for the shifted variant")
+    scale = RULES[method](stats, alpha, samples, acts)
 
     attn, mlp = layer.self_attn, layer.mlp
     heads = (attn.config.num_attention_heads, attn.config.num_key_value_heads)
-    apply_linear_linear(mlp.up_proj, mlp.down_proj, scale("down_in", [mlp.down_proj.weight]))
-    apply_linear_linear(attn.v_proj, attn.o_proj, scale("o_in", [attn.o_proj.weight]), heads=heads)
+    apply_linear_linear(mlp.up_proj, mlp.down_proj, scale("down_in", [mlp.down_proj.weight], True, _same))
+    s_o = scale("o_in", [attn.o_proj.weight], True, lambda s: gqa_group_scale(s, *heads)[1])
+    apply_linear_linear(attn.v_proj, attn.o_proj, s_o, heads=heads)
 
     biases = {}
     for norm_name, key, linears in (("input_layernorm", "attn_in", [attn.q_proj, attn.k_proj, attn.v_proj]),
                                     ("post_attention_layernorm", "mlp_in", [mlp.gate_proj, mlp.up_proj])):
-        s = scale(key, [lin.weight for lin in linears], sym=symmetric)
+        s = scale(key, [lin.weight for lin in linears], symmetric, _same)
         shift = None if symmetric else asym_shift(stats[key])
         b = apply_norm_linears(getattr(layer, norm_name).weight, linears, s, shift)
         if b is not None:
@@ -228,7 +291,14 @@ def smooth_dense_layer(layer: nn.Module, stats: dict[str, ChannelStats], method:
     return biases
 
 
+def _same(s: torch.Tensor) -> torch.Tensor:
+    return s
+
+
 # ---- m6: (α, β) search ------------------------------------------------------------------------
+
+FLOAT_ACT = "float"   # the consumer stays float: nothing is quantized, so there is nothing to smooth
+
 
 def fake_quant_int8_sym(x: torch.Tensor, dim: int | None = -1) -> torch.Tensor:
     """Symmetric int8 round trip, one scale per slice along `dim` (per tensor if dim is None)."""
@@ -237,30 +307,83 @@ def fake_quant_int8_sym(x: torch.Tensor, dim: int | None = -1) -> torch.Tensor:
     return torch.clamp(torch.round(x / step), -127, 127) * step
 
 
-def matmul_quant_error(X: torch.Tensor, W: torch.Tensor, s: torch.Tensor) -> float:
-    """‖X Wᵀ − Q(X/s) Q(W·s)ᵀ‖ / ‖X Wᵀ‖, Q per-token int8 for X and per-channel int8 for W
-    (the W8A8_DYNAMIC arithmetic)."""
-    ref = X @ W.T
-    got = fake_quant_int8_sym(X / s) @ fake_quant_int8_sym(W * s).T
-    return float((ref - got).norm() / ref.norm().clamp(min=1e-12))
+def fake_quant_static(x: torch.Tensor, lo, hi) -> torch.Tensor:
+    """Per-tensor asymmetric int8 round trip over the range [lo, hi] widened to hold 0 (the static
+    W8A8 input of FORMAT.md §3): step = (hi − lo)/255, offset = round(−lo/step) − 128. lo and hi
+    may be tensors broadcasting against x (one range per candidate of a batch)."""
+    lo = torch.as_tensor(lo, dtype=x.dtype, device=x.device).clamp(max=0)
+    hi = torch.as_tensor(hi, dtype=x.dtype, device=x.device).clamp(min=0)
+    step = (hi - lo).clamp(min=1e-8) / 255
+    o = torch.round(-lo / step) - 128
+    return (torch.clamp(torch.round(x / step + o), -128, 127) - o) * step
+
+
+# The consumer's activation round trip of X' = X/s for a batch of candidates S [k, in] (X' is
+# [k, tokens, in]), by quant.schemes' `act`. The per-tensor range is that of the whole calibration
+# set: per channel [lo, hi] of X divided by s, then the extremes.
+ACT_ROUND_TRIP = {
+    "per_tensor": lambda Xs, S, lo, hi: fake_quant_static(Xs, (lo / S).amin(-1)[:, None, None],
+                                                          (hi / S).amax(-1)[:, None, None]),
+    "per_token": lambda Xs, S, lo, hi: fake_quant_int8_sym(Xs),
+    "none": lambda Xs, S, lo, hi: Xs,
+}
+FLEX_CHUNK = 1 << 24   # elements of one candidate batch's [k, tokens, in]: bounds the search's memory
+
+
+def matmul_quant_errors(X: torch.Tensor, W: torch.Tensor, S: torch.Tensor, act: str = "per_token",
+                        lo: torch.Tensor | None = None, hi: torch.Tensor | None = None,
+                        ref: torch.Tensor | None = None) -> torch.Tensor:
+    """‖X Wᵀ − Q_a(X/s) Q_w(W·s)ᵀ‖ / ‖X Wᵀ‖ for each row s of S [k, in], as a tensor [k]: Q_w
+    per-channel symmetric int8, Q_a by `act` (ACT_ROUND_TRIP; lo/hi: per-channel calibration range
+    of X, for per_tensor). ref = X Wᵀ. Candidates go in one batch: a few large ops, not many small."""
+    ref = X @ W.T if ref is None else ref
+    Xq = ACT_ROUND_TRIP[act](X / S[:, None, :], S, lo, hi)
+    got = Xq @ fake_quant_int8_sym(W * S[:, None, :]).transpose(1, 2)
+    return (got - ref).flatten(1).norm(dim=1) / ref.norm().clamp(min=1e-12)
+
+
+def matmul_quant_error(X: torch.Tensor, W: torch.Tensor, s: torch.Tensor, act: str = "per_token",
+                       lo: torch.Tensor | None = None, hi: torch.Tensor | None = None) -> float:
+    """matmul_quant_errors for one s [in]."""
+    return float(matmul_quant_errors(X, W, s[None], act, lo, hi)[0])
 
 
 @torch.no_grad()
-def flex_smooth_search(x_sample: torch.Tensor, weights: Sequence[torch.Tensor],
+def flex_smooth_search(X: torch.Tensor, weights: Sequence[torch.Tensor], A: torch.Tensor, act: str = "per_token",
+                       lo: torch.Tensor | None = None, hi: torch.Tensor | None = None, fold=_same,
                        alphas: Sequence[float] = FLEX_GRID, betas: Sequence[float] = FLEX_GRID,
-                       quant_error_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], float] = matmul_quant_error,
-                       ) -> tuple[float, float]:
-    """m6: the (α, β) on the grid minimising quant_error_fn(X, W, s), s = max|X|^α / max|W|^β.
+                       rows: int | None = FLEX_ROWS) -> tuple[float, float, float]:
+    """m6: the (α, β) on the grid minimising matmul_quant_error(X, W_r, fold(s)), s = A^α / max|W|^β,
+    and that error. X [tokens, in] is a calibration sample, W the row-wise concatenation of the
+    weights reading it, W_r a seeded sample of at most `rows` of its rows (all when None: each row
+    is quantized on its own, so a row sample estimates the error without bias), A [in] the
+    activation extent of the whole calibration set. Every grid point is evaluated; on ties the
+    first in (α, β) order wins, so a flat error keeps (0, 0): s = 1."""
+    W = torch.cat([w.detach().float() for w in weights])
+    X = X.detach().float().to(W.device)
+    A, w_max = A.float().to(W.device), W.abs().amax(0)
+    lo, hi = (None, None) if lo is None else (lo.float().to(W.device), hi.float().to(W.device))
+    if rows is not None and W.shape[0] > rows:
+        W = W[torch.randperm(W.shape[0], generator=torch.Generator().manual_seed(0))[:rows].sort().values]
+    ref = X @ W.T
+    grid = list(product(alphas, betas))
+    chunk = max(1, FLEX_CHUNK // (X.numel() + W.numel()))
+    errs = torch.cat([matmul_quant_errors(X, W, torch.stack([fold(_power_scale(A, w_max, a, b)) for a, b in part]),
+                                          act, lo, hi, ref)
+                      for part in (grid[i:i + chunk] for i in range(0, len(grid), chunk))])
+    best = int(torch.argmin(errs))      # the first minimum
+    return grid[best][0], grid[best][1], float(errs[best])
 
-    X is a calibration sample [tokens, in] and W the row-wise concatenation of the weights that
-    read it. Every grid point is evaluated; on ties the first in (α, β) order wins.
-    """
-    X = x_sample.detach().reshape(-1, x_sample.shape[-1]).float()
-    W = torch.cat([w.detach().float() for w in weights]).to(X.device)
-    a = X.abs().amax(0)
-    best, best_err = None, float("inf")
-    for alpha, beta in product(alphas, betas):
-        err = quant_error_fn(X, W, flex_scale(a, [W], alpha, beta))
-        if best is None or err < best_err:
-            best, best_err = (alpha, beta), err
-    return best
+
+def flex_subgraph_scale(stats: ChannelStats, X: torch.Tensor, weights: Sequence[torch.Tensor], symmetric: bool,
+                        act: str, fold=_same) -> torch.Tensor:
+    """m6's s for one subgraph. Shifted (symmetric=False), the consumer sees X − δ and its bias
+    restores W δ exactly, so the search measures the error on X − δ with the shifted range."""
+    A = act_extent(stats, symmetric)
+    if act == FLOAT_ACT:
+        return torch.ones_like(A)
+    shift = torch.zeros_like(A) if symmetric else asym_shift(stats)
+    alpha, beta, err = flex_smooth_search(X - shift, weights, A, act, stats.min - shift, stats.max - shift, fold)
+    log.debug("m6: %d tokens × %d channels → α=%.2f β=%.2f (matmul error %.3e)", X.shape[0], X.shape[1],
+              alpha, beta, err)
+    return flex_scale(A, weights, alpha, beta)

@@ -4,7 +4,9 @@ A calibration pass collects per-channel statistics of each shared input, `smooth
 rescales the layer in place (an exact equivalence of the float layer), and the quantization that
 follows sees the smoothed layer. Asymmetric smoothing (m4, `anti_symmetric = false`) adds a bias
 after each RMSNorm (`<norm>.bias`, fp32) and a compensating bias to the linears it feeds; both are
-new output tensors, which `planned_tensors` adds to the plan.
+new output tensors, which `planned_tensors` adds to the plan. m6 (flex-smooth) searches its
+scales on a fixed random sample of FLEX_TOKENS tokens of each input, taken in the same pass, and
+measures the error with the activation quantization of the scheme the plan gives the consumer.
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ import torch
 from torch import nn
 
 from .layerquant import run_batches
+from .quant.schemes import SCHEMES
 from .recipe import Recipe
-from .smooth import ChannelObserver, smooth_dense_layer
+from .smooth import FLEX_TOKENS, FLOAT_ACT, ChannelObserver, TokenSample, smooth_dense_layer
 
 NORM_FEEDS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
               "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
@@ -36,13 +39,25 @@ def planned_tensors(recipe: Recipe, prefix: str, shapes: dict, hidden: int, dt: 
 
 
 def channel_stats(layer: nn.Module, forward, H: torch.Tensor, batch: int, device, cdt,
-                  inputs: dict[str, str] = STAT_INPUTS, outputs: dict[str, str] | None = None) -> dict:
+                  inputs: dict[str, str] = STAT_INPUTS, outputs: dict[str, str] | None = None,
+                  sample: int = 0) -> dict:
     """Per-channel statistics (one calibration pass) of the inputs and/or outputs of submodules,
-    by key: `inputs`/`outputs` map key → submodule name."""
+    by key: `inputs`/`outputs` map key → submodule name. With sample > 0, also a TokenSample of at
+    most that many tokens of each input, under "<key>/sample"."""
     observers = {key: ChannelObserver() for key in [*inputs, *(outputs or {})]}
+    tokens = H.shape[0] * H.shape[1]
+    samplers = {key: TokenSample(tokens, sample) for key in inputs} if sample else {}
     layer_sub = layer.get_submodule
-    handles = [layer_sub(sub).register_forward_pre_hook(lambda m, a, o=observers[key]: o.update(a[0]))
-               for key, sub in inputs.items()]
+
+    def on_input(key):
+        watchers = [observers[key], *([samplers[key]] if key in samplers else [])]
+
+        def hook(module, args):
+            for w in watchers:
+                w.update(args[0])
+        return hook
+
+    handles = [layer_sub(sub).register_forward_pre_hook(on_input(key)) for key, sub in inputs.items()]
     handles += [layer_sub(sub).register_forward_hook(lambda m, a, y, o=observers[key]: o.update(y))
                 for key, sub in (outputs or {}).items()]
     try:
@@ -51,14 +66,30 @@ def channel_stats(layer: nn.Module, forward, H: torch.Tensor, batch: int, device
     finally:
         for h in handles:
             h.remove()
-    return {key: o.stats() for key, o in observers.items()}
+    return {**{key: o.stats() for key, o in observers.items()},
+            **{f"{key}/sample": s.tensor() for key, s in samplers.items()}}
 
 
-def smooth_layer(recipe: Recipe, layer: nn.Module, forward, H, batch: int, device, cdt) -> dict[str, torch.Tensor]:
-    """Smooth in place; returns the new norm biases by norm name (and installs them)."""
-    stats = channel_stats(layer, forward, H, batch, device, cdt)
+def consumer_acts(schemes: dict[str, str]) -> dict[str, str]:
+    """Statistics key → how the linears reading that input quantize it (quant.schemes' `act`, or
+    FLOAT_ACT); schemes maps submodule name → scheme."""
+    return {key: SCHEMES[schemes[sub]].act if schemes[sub] in SCHEMES else FLOAT_ACT
+            for key, sub in STAT_INPUTS.items()}
+
+
+def smooth_layer(recipe: Recipe, layer: nn.Module, forward, H, batch: int, device, cdt,
+                 schemes: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Smooth in place; returns the new norm biases by norm name (and installs them). schemes:
+    submodule name → the scheme the plan gives it (m6 measures its error with it; default: the
+    recipe's default scheme everywhere)."""
+    flex = recipe.anti_method == "m6"
+    found = channel_stats(layer, forward, H, batch, device, cdt, sample=FLEX_TOKENS if flex else 0)
+    stats = {key: found[key] for key in STAT_INPUTS}
+    samples = {key: found[f"{key}/sample"] for key in STAT_INPUTS} if flex else None
+    acts = consumer_acts(schemes or {sub: recipe.default.scheme for sub in STAT_INPUTS.values()})
     with torch.no_grad():
-        biases = smooth_dense_layer(layer, stats, recipe.anti_method, recipe.alpha, recipe.anti_symmetric)
+        biases = smooth_dense_layer(layer, stats, recipe.anti_method, recipe.alpha, recipe.anti_symmetric,
+                                    samples, acts)
     for norm, b in biases.items():
         layer.get_submodule(norm).register_forward_hook(lambda m, a, y, b=b: y + b.to(y.dtype))
     return biases

@@ -63,9 +63,19 @@ def test_semantic_hash_ignores_run_keys():
     ('[[quant.rules]]\nscheme = "FLOAT"\n', "no 'match'"),
     ('[[quant.rules]]\nmatch = "re:(("\n', "not a valid regex"),
     ('[run]\npropagate = "sideways"\n', "run.propagate"),
+    ('[run]\nwrite_behind_gb = -1\n', "run.write_behind_gb"),
+    ('[run]\nwrite_behind_gb = nan\n', "run.write_behind_gb"),
     ('[quant\n', "not valid TOML"),
 ])
 def test_invalid_recipes_name_the_key(text, needle):
     with pytest.raises(StreamqError, match=needle.replace("(", r"\(")) as e:
         parse_recipe(text, P)
     assert "r.toml" in str(e.value)
+
+
+def test_write_behind_is_a_run_key_and_zero_is_allowed():
+    a = parse_recipe("[run]\nwrite_behind_gb = 0\n", P)
+    b = parse_recipe("[run]\nwrite_behind_gb = 2.5\n", P)
+    assert (a.run.write_behind_gb, b.run.write_behind_gb) == (0.0, 2.5)
+    assert parse_recipe("", P).run.write_behind_gb == 0.5
+    assert a.semantic_hash() == b.semantic_hash()

@@ -1,4 +1,5 @@
 """Anti-outlier smoothing: exactness on real decoder layers, the scale formulas, and the m6 search."""
+
 import pytest
 import torch
 from torch import nn
@@ -6,9 +7,9 @@ from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
 from streamq.arch.llama import FAMILIES
 from streamq.smooth import (
-    ChannelObserver, ChannelStats, apply_linear_linear, apply_norm_linears, asym_shift, fake_quant_int8_sym,
-    flex_smooth_search, gqa_group_scale, iter_smooth_scale, matmul_quant_error, smooth_dense_layer,
-    smoothquant_scale,
+    FLOAT_ACT, ChannelObserver, ChannelStats, TokenSample, apply_linear_linear, apply_norm_linears, asym_shift,
+    fake_quant_int8_sym, fake_quant_static, flex_smooth_search, flex_subgraph_scale, gqa_group_scale,
+    iter_smooth_scale, matmul_quant_error, smooth_dense_layer, smoothquant_scale,
 )
 
 HIDDEN, INTER, HEADS, HEAD_DIM, SEQ = 64, 128, 4, 16, 12
@@ -51,10 +52,17 @@ def forward(layer, h, rotary):
 
 
 @torch.no_grad()
-def calibrate(layer, h, rotary):
+def calibrate(layer, h, rotary, keep=None):
+    """The layer output and its input statistics; `keep` (a dict) also receives every input whole."""
     obs = {key: ChannelObserver() for key in INPUTS.values()}
-    hooks = [layer.get_submodule(name).register_forward_pre_hook(lambda m, a, o=obs[key]: o.update(a[0]))
-             for name, key in INPUTS.items()]
+
+    def hook(key):
+        def update(m, a):
+            obs[key].update(a[0])
+            if keep is not None:
+                keep[key] = a[0].reshape(-1, a[0].shape[-1]).clone()
+        return update
+    hooks = [layer.get_submodule(name).register_forward_pre_hook(hook(key)) for name, key in INPUTS.items()]
     ref = forward(layer, h, rotary)
     for hk in hooks:
         hk.remove()
@@ -91,14 +99,24 @@ def test_m1_layer_output_unchanged(family, kv_heads):
         assert_same(forward(layer, h, rotary), ref)
 
 
+SMOOTHED = ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.v_proj.weight",
+            "self_attn.o_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+
+
 @pytest.mark.parametrize("family,kv_heads", CASES)
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_m4_layer_output_unchanged(family, kv_heads, symmetric):
+@pytest.mark.parametrize("method", ["m4", "m6"])
+def test_m4_m6_layer_output_unchanged(family, kv_heads, symmetric, method):
     layer, rotary = make_layer(family, kv_heads)
     h = hidden_with_outliers()
-    ref, stats = calibrate(layer, h, rotary)
+    samples = {}
+    ref, stats = calibrate(layer, h, rotary, samples)
     had_bias = layer.self_attn.q_proj.bias is not None
-    biases = smooth_dense_layer(layer, stats, "m4", symmetric=symmetric)
+    before = {n: p.clone() for n, p in layer.named_parameters()}
+    acts = {"attn_in": "per_tensor", "o_in": "per_token", "mlp_in": "per_tensor", "down_in": "per_token"}
+    biases = smooth_dense_layer(layer, stats, method, symmetric=symmetric, samples=samples, acts=acts)
+    for name in SMOOTHED:          # every subgraph was rescaled, so the check below is not vacuous
+        assert not torch.allclose(before[name], dict(layer.named_parameters())[name]), name
     if symmetric:
         assert biases == {}
     else:
@@ -257,31 +275,168 @@ def test_smoothing_reduces_int8_error_with_outlier_channels():
 
 # ---- 3. m6 search --------------------------------------------------------------------------------
 
-def test_flex_search_returns_grid_minimum():
-    X = torch.randn(128, 32, generator=gen(16))
-    X[:, [2, 9]] *= 50
-    Ws = [torch.randn(24, 32, generator=gen(17)) * 0.1, torch.randn(8, 32, generator=gen(18))]
+def slow_static_round_trip(x, lo, hi):
+    """FORMAT.md §3's static W8A8 input in float64 from scalar parameters: s_x = (max − min)/255
+    over a range holding 0, o_x = round(−min/s_x) − 128, q = clamp(round(x/s_x + o_x)), x̂ = (q − o_x)·s_x."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    s_x = (hi - lo) / 255
+    o_x = round(-lo / s_x) - 128
+    return (torch.clamp(torch.round(x.double() / s_x + o_x), -128, 127) - o_x) * s_x
+
+
+def slow_quant_matmul_error(X, W, s, act, lo=None, hi=None):
+    """The m6 objective from integer parts: q_w = round(W·s / step_n) per output row n, the input
+    per act, the product accumulated in float64."""
+    Ws = (W * s).double()
+    step_w = Ws.abs().amax(1, keepdim=True) / 127
+    Wq = torch.clamp(torch.round(Ws / step_w), -127, 127) * step_w
+    Xs = (X / s).double()
+    if act == "per_tensor":
+        Xq = slow_static_round_trip(Xs, float((lo / s).min()), float((hi / s).max()))
+    elif act == "per_token":
+        step_x = Xs.abs().amax(1, keepdim=True) / 127
+        Xq = torch.clamp(torch.round(Xs / step_x), -127, 127) * step_x
+    else:
+        Xq = Xs
+    ref = X.double() @ W.double().T
+    return ((ref - Xq @ Wq.T).norm() / ref.norm()).item()
+
+
+def outlier_data(seed, tokens=96, channels=32, rows=24):
+    X = torch.randn(tokens, channels, generator=gen(seed))
+    X[:, [2, 9]] = X[:, [2, 9]] * 50 + 20                # large, off-centre channels
+    W = torch.randn(rows, channels, generator=gen(seed + 1)) * 0.1
+    return X, W
+
+
+def test_static_round_trip_matches_the_format():
+    x = torch.randn(7, 9, generator=gen(21)) * 3 + 1
+    for lo, hi in ((-2.5, 6.0), (0.5, 6.0), (-4.0, -1.0)):   # ranges that do and do not hold 0
+        got = fake_quant_static(x, lo, hi)
+        torch.testing.assert_close(got, slow_static_round_trip(x, lo, hi).float())
+        s_x = (max(hi, 0.0) - min(lo, 0.0)) / 255            # element by element, as the consumer does
+        o_x = round(-min(lo, 0.0) / s_x) - 128
+        for v, g in zip(x.flatten().tolist(), got.flatten().tolist()):
+            assert g == pytest.approx((min(max(round(v / s_x + o_x), -128), 127) - o_x) * s_x, rel=1e-5, abs=1e-6)
+    # one range per candidate of a batch
+    lo, hi = torch.tensor([-2.5, 0.5])[:, None, None], torch.tensor([6.0, 3.0])[:, None, None]
+    both = fake_quant_static(x.expand(2, 7, 9), lo, hi)
+    torch.testing.assert_close(both[1], fake_quant_static(x, 0.5, 3.0))
+
+
+@pytest.mark.parametrize("act", ["per_tensor", "per_token", "none"])
+def test_matmul_error_matches_slow_integer_computation(act):
+    X, W = outlier_data(22)
+    s = torch.rand(32, generator=gen(24)) * 3 + 0.2
+    lo, hi = X.amin(0) - 1, X.amax(0) + 1                  # the calibration range is wider than the sample
+    got = matmul_quant_error(X, W, s, act, lo, hi)
+    assert got == pytest.approx(slow_quant_matmul_error(X, W, s, act, lo, hi), rel=1e-4)
+
+
+@pytest.mark.parametrize("act", ["per_tensor", "per_token"])
+def test_flex_search_returns_grid_minimum(act):
+    X, W1 = outlier_data(16)
+    Ws = [W1, torch.randn(8, 32, generator=gen(18))]
+    A, lo, hi = X.abs().amax(0), X.amin(0), X.amax(0)
     alphas, betas = (0.0, 0.25, 0.5, 0.75, 1.0), (0.0, 0.3, 0.6, 0.9)
-    got = flex_smooth_search(X, Ws, alphas, betas)
-    # brute force, independently of the search's own loop
+    a, b, err = flex_smooth_search(X, Ws, A, act, lo, hi, alphas=alphas, betas=betas)
+    # brute force, independently of the search's own loop and error function
     W = torch.cat(Ws)
-    amax, wmax = X.abs().amax(0), W.abs().amax(0)
-    errs = {(a, b): matmul_quant_error(X, W, (amax ** a / wmax ** b).clamp(min=1e-5)) for a in alphas for b in betas}
+    wmax = W.abs().amax(0)
+    errs = {(al, be): slow_quant_matmul_error(X, W, (A ** al / wmax ** be).clamp(min=1e-5), act, lo, hi)
+            for al in alphas for be in betas}
     best = min(errs.values())
-    assert errs[got] == best
-    assert best < errs[(0.0, 0.0)]                      # smoothing beats none on outlier data
+    assert errs[(a, b)] == pytest.approx(best, rel=1e-4) and err == pytest.approx(best, rel=1e-4)
+    assert best < 0.5 * errs[(0.0, 0.0)]                   # smoothing beats none on outlier data
 
 
-def test_flex_search_uses_the_given_error_and_whole_grid():
-    X = torch.rand(16, 8, generator=gen(19)) + 0.5
-    W = torch.rand(4, 8, generator=gen(20)) + 0.5
-    calls = []
+def test_flex_search_scores_the_folded_scale():
+    """v→o under GQA: the search must score the scale o_proj really gets (max per kv group)."""
+    X, _ = outlier_data(25, channels=HEADS * HEAD_DIM)
+    W = torch.randn(HIDDEN, HEADS * HEAD_DIM, generator=gen(26)) * 0.1
+    A = X.abs().amax(0)
+    fold = lambda s: gqa_group_scale(s, HEADS, 2)[1]        # noqa: E731
+    grid = (0.0, 0.5, 1.0)
+    a, b, _ = flex_smooth_search(X, [W], A, "per_token", fold=fold, alphas=grid, betas=grid)
+    errs = {(al, be): slow_quant_matmul_error(X, W, fold((A ** al / W.abs().amax(0) ** be).clamp(min=1e-5)),
+                                              "per_token") for al in grid for be in grid}
+    assert errs[(a, b)] == pytest.approx(min(errs.values()), rel=1e-4)
 
-    def err(Xa, Wa, s):                                  # minimum at α = 0.4, β = 0.7 by construction
-        calls.append(s)
-        expect = X.abs().amax(0) ** 0.4 / W.abs().amax(0) ** 0.7
-        return float((s - expect).abs().sum())
 
-    grid = (0.0, 0.2, 0.4, 0.7, 1.0)
-    assert flex_smooth_search(X, [W], grid, grid, err) == (0.4, 0.7)
-    assert len(calls) == len(grid) ** 2
+def test_flex_search_row_sample_keeps_full_weight_maxima():
+    """Measured on a seeded sample of rows, but s = A^α / max|W|^β over every row: a row outside
+    the sample that holds a column maximum still sets the scale."""
+    X, W = outlier_data(27, rows=40)
+    rows = torch.randperm(40, generator=torch.Generator().manual_seed(0))[:6].sort().values
+    outside = next(r for r in range(40) if r not in rows.tolist())
+    W[outside, 2] = 30.0                                   # dominates max|W| of an outlier channel
+    A, grid = X.abs().amax(0), (0.0, 0.5, 1.0)
+    a, b, err = flex_smooth_search(X, [W], A, "per_token", alphas=grid, betas=grid, rows=6)
+    wmax = W.abs().amax(0)
+    errs = {(al, be): slow_quant_matmul_error(X, W[rows], (A ** al / wmax ** be).clamp(min=1e-5), "per_token")
+            for al in grid for be in grid}
+    assert err == pytest.approx(errs[(a, b)], rel=1e-4) and errs[(a, b)] == pytest.approx(min(errs.values()), rel=1e-4)
+    assert flex_smooth_search(X, [W], A, "per_token", alphas=grid, betas=grid, rows=40) == \
+        flex_smooth_search(X, [W], A, "per_token", alphas=grid, betas=grid, rows=None)
+
+
+def test_flex_subgraph_scale_shifted_and_float():
+    X, W = outlier_data(28, tokens=48)
+    obs = ChannelObserver()
+    obs.update(X)
+    st = obs.stats()
+    # shifted: the search sees X − δ with the shifted range, and A is the half range
+    s = flex_subgraph_scale(st, X, [W], False, "per_tensor")
+    delta, half = (st.max + st.min) / 2, (st.max - st.min) / 2
+    wmax = W.abs().amax(0)
+    grid = [round(0.1 * i, 1) for i in range(11)]
+    errs = {(al, be): slow_quant_matmul_error(X - delta, W, (half ** al / wmax ** be).clamp(min=1e-5), "per_tensor",
+                                              st.min - delta, st.max - delta) for al in grid for be in grid}
+    al, be = min(errs, key=lambda k: (errs[k], k))
+    torch.testing.assert_close(s, (half ** al / wmax ** be).clamp(min=1e-5))
+    assert not torch.allclose(s, torch.ones_like(s))
+    # a float consumer quantizes nothing: no smoothing
+    assert torch.equal(flex_subgraph_scale(st, X, [W], True, FLOAT_ACT), torch.ones(32))
+
+
+def test_token_sample_is_the_same_subset_whatever_the_batches():
+    x = torch.randn(6, 10, 8, generator=gen(29))
+    keep = torch.randperm(60, generator=torch.Generator().manual_seed(0))[:17].sort().values
+    for split in (1, 2, 6):
+        ts = TokenSample(60, 17)
+        for chunk in x.split(split):
+            ts.update(chunk)
+        assert torch.equal(ts.tensor(), x.reshape(60, 8)[keep])
+    small = TokenSample(60, 100)                            # a budget above the total keeps every token
+    small.update(x)
+    assert torch.equal(small.tensor(), x.reshape(60, 8))
+
+
+def test_smoothing_pass_samples_and_maps_consumer_schemes():
+    from streamq.smoothing import channel_stats, consumer_acts
+    layer, rotary = make_layer("llama", 2)
+    h = hidden_with_outliers(batch=3)
+    found = channel_stats(layer, lambda x: forward(layer, x, rotary), h, 2, "cpu", torch.float32, sample=20)
+    assert found["down_in/sample"].shape == (20, INTER) and found["attn_in/sample"].shape == (20, HIDDEN)
+    keep = {}
+    calibrate(layer, h, rotary, keep)
+    idx = torch.randperm(3 * SEQ, generator=torch.Generator().manual_seed(0))[:20].sort().values
+    torch.testing.assert_close(found["o_in/sample"], keep["o_in"][idx])
+    acts = consumer_acts({"self_attn.q_proj": "W8A8", "self_attn.o_proj": "W8A8_DYNAMIC", "mlp.gate_proj": "W8A16",
+                          "mlp.down_proj": "FLOAT"})
+    assert acts == {"attn_in": "per_tensor", "o_in": "per_token", "mlp_in": "none", "down_in": FLOAT_ACT}
+
+
+def test_m6_run_verifies_and_stays_close(tmp_path):
+    from streamq import cli
+    from streamq.evaluate import evaluate
+    from streamq.synth import write_dense
+    from conftest import SMALL_CAL, load_all, write_recipe
+    model = write_dense(tmp_path / "m", "qwen2", layers=2, hidden=64, intermediate=128, vocab=128)
+    rec = write_recipe(tmp_path / "r.toml", SMALL_CAL + '[quant]\nscheme = "W8A8"\nanti_method = "m6"\n'
+                       'anti_symmetric = false\n')
+    out = tmp_path / "out"
+    assert cli.main(["run", str(rec), "--model", str(model), "--output", str(out)]) == 0
+    assert cli.main(["verify", str(out)]) == 0
+    assert load_all(out)["model.layers.1.post_attention_layernorm.bias"].dtype == torch.float32
+    assert evaluate(model, out, samples=4, seq_len=32, batch=2)["kl_mean"] < 0.01

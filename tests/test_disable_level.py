@@ -1,0 +1,196 @@
+"""disable_level: the recipe word, the streamed outlier ratio, the choice in whole fused groups, the
+float pre-pass against transformers, and a run that keeps the chosen linears FLOAT and resumes
+with the recorded choice."""
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from streamq import cli, prepass
+from streamq.calibration import token_ids
+from streamq.errors import StreamqError
+from streamq.pipeline import prepare
+from streamq.recipe import QuantArgs, parse_recipe
+from streamq.synth import write_dense, write_deepseek_v3
+
+from conftest import SMALL_CAL, output_bytes, run_cli, write_recipe
+
+SAMPLES, SEQ = 4, 16       # SMALL_CAL's calibration
+GROUPS = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "o", "gate_proj": "mlp",
+          "up_proj": "mlp", "down_proj": "down"}
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def recipe(body: str):
+    return parse_recipe(SMALL_CAL + "[quant]\n" + body, Path("r.toml"))
+
+
+# ---- the recipe word ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("word,level", [("", 0), ("L0", 0), ("L4", 4), ("L12", 12)])
+def test_level_words(word, level):
+    assert recipe(f'disable_level = "{word}"\n').disable_level == level
+
+
+@pytest.mark.parametrize("bad", ['"4"', '"l4"', '"L-1"', '"L4x"', "4"])
+def test_bad_level_is_an_error_naming_the_key(bad):
+    with pytest.raises(StreamqError, match="disable_level"):
+        recipe(f"disable_level = {bad}\n")
+
+
+def test_level_is_semantic():
+    assert recipe('disable_level = "L2"\n').semantic_hash() != recipe('disable_level = "L3"\n').semantic_hash()
+    assert recipe('disable_level = "L2"\n').semantic()["quant"]["disable_level"] == 2
+
+
+# ---- the statistic --------------------------------------------------------------------------------
+
+def test_streamed_ratio_matches_the_whole_set():
+    x = torch.randn(6, 10, 32, generator=gen(0)) * torch.linspace(0.5, 3, 32) + 0.7
+    x[2, 3, 5] = 80.0                                   # one outlier
+    obs = prepass.OutlierRatio()
+    for chunk in x.split(4, dim=1):                     # batches of any shape
+        obs.update(chunk)
+    flat = x.double().flatten()
+    expect = flat.abs().max().item() / flat.std(unbiased=False).item()
+    assert obs.ratio() == pytest.approx(expect, rel=1e-9)
+    const = prepass.OutlierRatio()
+    const.update(torch.full((3, 4), 2.0))
+    assert const.ratio() == 0.0                         # nothing outlies a constant input
+
+
+# ---- the choice -----------------------------------------------------------------------------------
+
+def test_choice_takes_whole_groups_in_decreasing_ratio():
+    inputs = [(5.0, ["a.q", "a.k", "a.v"]), (9.0, ["a.down"]), (7.0, ["a.gate", "a.up"]), (1.0, ["b.o"])]
+    assert prepass.choose(inputs, 0) == {}
+    assert prepass.choose(inputs, 1) == {"a.down": 9.0}
+    # the second linear opens gate/up: its group comes whole
+    assert prepass.choose(inputs, 2) == {"a.down": 9.0, "a.gate": 7.0, "a.up": 7.0}
+    assert list(prepass.choose(inputs, 4)) == ["a.down", "a.gate", "a.up", "a.q", "a.k", "a.v"]
+    assert len(prepass.choose(inputs, 100)) == 7
+    # equal ratios: by name, so the choice does not depend on the order the inputs were seen
+    assert prepass.choose([(3.0, ["z"]), (3.0, ["m"])], 1) == {"m": 3.0}
+
+
+def test_candidates_skip_float_linears_and_routed_experts():
+    plan = SimpleNamespace(args={
+        "model.layers.0.self_attn.q_proj": QuantArgs("W8A8"),
+        "model.layers.0.self_attn.kv_b_proj": QuantArgs("FLOAT"),
+        "model.layers.3.mlp.experts.7.down_proj": QuantArgs("W4A8_DYNAMIC"),
+        "model.layers.3.mlp.shared_experts.down_proj": QuantArgs("W8A8_DYNAMIC"),
+        "lm_head": QuantArgs("FLOAT")})
+    assert prepass.candidates(plan) == {"model.layers.0.self_attn.q_proj",
+                                        "model.layers.3.mlp.shared_experts.down_proj"}
+
+
+# ---- the pre-pass ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return write_dense(tmp_path_factory.mktemp("dl") / "llama", "llama", layers=3, hidden=64, intermediate=128,
+                       vocab=128)
+
+
+def reference_ratios(model_dir: Path) -> dict[str, float]:
+    """max|x|/std of every linear's input over the calibration ids, from transformers' whole model
+    with every input kept (the slow way)."""
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    seen: dict[str, list] = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=name: seen.setdefault(n, []).append(a[0].detach()))
+             for name, m in ref.named_modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        ref(token_ids([], None, 128, SAMPLES, SEQ, 0))
+    for h in hooks:
+        h.remove()
+    out = {}
+    for name, xs in seen.items():
+        x = torch.cat([t.flatten() for t in xs]).double()
+        out[name] = x.abs().max().item() / x.std(unbiased=False).item()
+    return out
+
+
+def test_prepass_ratios_match_transformers(model):
+    r = recipe('scheme = "W8A8"\ndisable_last_linear = false\n')  # level 0: no pre-pass inside prepare
+    p = prepare(r, model)
+    got = prepass.input_ratios(r, p.reader, p.arch, p.plan, p.ids, torch.device("cpu"), torch.float32)
+    expect = reference_ratios(model)
+    assert len(got) == 3 * 4 + 1                        # four inputs per layer, and lm_head's
+    for ratio, names in got:
+        for n in names:
+            assert ratio == pytest.approx(expect[n], rel=1e-4), n
+        # linears reading one input are exactly one fused group
+        assert len({GROUPS.get(n.rsplit(".", 1)[-1], n) for n in names}) == 1
+    assert sorted(n for _, names in got for n in names) == sorted(expect)
+
+
+def test_deepseek_refuses(tmp_path):
+    src = write_deepseek_v3(tmp_path / "ds", layers=2, experts=4, hidden=64, moe_intermediate=64)
+    rec = write_recipe(tmp_path / "r.toml", SMALL_CAL + '[quant]\nscheme = "W8A8_DYNAMIC"\ndisable_level = "L2"\n')
+    proc = run_cli("run", rec, "--model", src, "--output", tmp_path / "out")
+    assert proc.returncode == 2
+    assert "disable_level is implemented for dense models" in proc.stderr and "disable_names" in proc.stderr
+
+
+# ---- a run ----------------------------------------------------------------------------------------
+
+LEVEL_RECIPE = SMALL_CAL + '[quant]\nscheme = "W8A8"\ndisable_level = "L2"\n'
+
+
+def test_run_keeps_the_chosen_linears_float(tmp_path, model):
+    rec = write_recipe(tmp_path / "r.toml", LEVEL_RECIPE)
+    out = tmp_path / "out"
+    assert cli.main(["run", str(rec), "--model", str(model), "--output", str(out)]) == 0
+    assert cli.main(["verify", str(out)]) == 0
+    desc = json.loads((out / "quant_model_description.json").read_text())
+    report = json.loads((out / "streamq_report.json").read_text())
+    chosen = report["disabled_by_level"]
+    # the two largest ratios of the independent computation, completed to whole groups
+    expect = reference_ratios(model)
+    expect.pop("lm_head")
+    by_input: dict[tuple, list] = {}
+    for name in expect:
+        by_input.setdefault((name.rsplit(".", 2)[0], GROUPS[name.rsplit(".", 1)[-1]]), []).append(name)
+    want = prepass.choose([(expect[names[0]], names) for names in by_input.values()], 2)
+    assert set(chosen) == set(want) and len(chosen) >= 2
+    for name, ratio in chosen.items():
+        assert ratio == pytest.approx(want[name], rel=1e-4)
+        assert desc[f"{name}.weight"] == "FLOAT" and f"{name}.weight_scale" not in desc
+    quantized = [k for k, v in desc.items() if k.endswith("proj.weight") and v == "W8A8"]
+    assert len(quantized) == 3 * 7 - len(chosen)
+    assert report["state"]["disable_level"]["linears"] == chosen
+    assert "kept FLOAT by disable_level" in (out / "streamq_report.md").read_text()
+
+
+def test_resume_adopts_the_recorded_choice(tmp_path, model, monkeypatch):
+    rec = write_recipe(tmp_path / "r.toml", LEVEL_RECIPE)
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    run_cli("run", rec, "--model", model, "--output", ref, check=True)
+    killed = run_cli("run", rec, "--model", model, "--output", out, env={"STREAMQ_KILL_AT": "acts-saved:3"})
+    assert killed.returncode == -9
+
+    def no_prepass(*args, **kwargs):
+        raise AssertionError("the pre-pass ran again")
+    monkeypatch.setattr(prepass, "input_ratios", no_prepass)
+    assert cli.main(["run", str(rec), "--model", str(model), "--output", str(out)]) == 0
+    assert output_bytes(out) == output_bytes(ref)
+    # a finished output is recognised without the pre-pass too
+    assert cli.main(["run", str(rec), "--model", str(model), "--output", str(out)]) == 0
+    # --restart starts over: the choice is made again
+    with pytest.raises(AssertionError, match="ran again"):
+        cli.main(["run", str(rec), "--model", str(model), "--output", str(out), "--restart"])
+
+
+def test_changed_level_refuses_to_resume(tmp_path, model):
+    rec = write_recipe(tmp_path / "r.toml", LEVEL_RECIPE)
+    out = tmp_path / "out"
+    assert run_cli("run", rec, "--model", model, "--output", out, env={"STREAMQ_KILL_AT": "acts-saved:2"}).returncode == -9
+    other = write_recipe(tmp_path / "o.toml", LEVEL_RECIPE.replace('"L2"', '"L3"'))
+    proc = run_cli("run", other, "--model", model, "--output", out)
+    assert proc.returncode == 2 and "quant.disable_level" in proc.stderr
