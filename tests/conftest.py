@@ -1,7 +1,9 @@
 """Shared fixtures: tiny checkpoints made in tmp_path, recipes written inline, a CLI runner."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from streamq.synth import write_dense
 
@@ -56,6 +59,17 @@ def load_all(folder: Path) -> dict:
         with safe_open(str(p), framework="pt") as f:
             out.update({k: f.get_tensor(k) for k in f.keys()})
     return out
+
+
+def corrupt(out: Path, dst: Path, name: str, fn) -> Path:
+    """Copy an output folder with one tensor changed by fn."""
+    shutil.copytree(out, dst)
+    index = json.loads((dst / "quant_model_weights.safetensors.index.json").read_text())
+    shard = dst / index["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name] = fn(tensors[name])
+    save_file(tensors, shard, metadata={"format": "pt"})
+    return dst
 
 
 def output_bytes(folder: Path) -> dict[str, bytes]:

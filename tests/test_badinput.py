@@ -4,7 +4,6 @@ import io
 import json
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from streamq import cli

@@ -3,12 +3,11 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from streamq.evaluate import evaluate
 from streamq.synth import write_dense
 
-from conftest import SMALL_CAL, run_cli, write_recipe
+from conftest import SMALL_CAL, corrupt, run_cli, write_recipe
 
 RECIPE = SMALL_CAL + """
 [quant]
@@ -52,18 +51,6 @@ def test_quantized_output_is_close(runs):
     r = ev(model, out)
     assert 0 < r["kl_mean"] < 0.05 and r["top1_agreement"] > 0.8
     assert len(r["layers"]) == 2 and all(e["rel_error"] < 0.2 for e in r["layers"])
-
-
-def corrupt(out, dst, name, fn):
-    """Copy an output folder with one tensor changed."""
-    import shutil
-    shutil.copytree(out, dst)
-    index = json.loads((dst / "quant_model_weights.safetensors.index.json").read_text())
-    shard = dst / index["weight_map"][name]
-    tensors = load_file(shard)
-    tensors[name] = fn(tensors[name])
-    save_file(tensors, shard, metadata={"format": "pt"})
-    return dst
 
 
 def swap_nibbles(t):

@@ -25,7 +25,7 @@ from streamq.evaluate import evaluate
 from streamq.synth import (OUTLIER_GAIN, dequant_fp8_reference, outlier_columns, quantize_fp8_blocks,
                            write_deepseek_v3)
 
-from conftest import REPO, SMALL_CAL, write_recipe
+from conftest import REPO, SMALL_CAL, corrupt, write_recipe
 
 LAYERS, EXPERTS, WIDTH = 3, 8, 256
 SAMPLES, SEQ_LEN, BATCH = 4, 32, 2
@@ -126,17 +126,6 @@ def test_reference_side_matches_transformers(ds):
 
 
 # (c) a corrupted stored tensor shows up
-
-
-def corrupt(out: Path, dst: Path, name: str, fn) -> Path:
-    """Copy an output folder with one tensor changed."""
-    shutil.copytree(out, dst)
-    index = json.loads((dst / "quant_model_weights.safetensors.index.json").read_text())
-    shard = dst / index["weight_map"][name]
-    tensors = load_file(shard)
-    tensors[name] = fn(tensors[name])
-    save_file(tensors, shard, metadata={"format": "pt"})
-    return dst
 
 
 def _favour(t: torch.Tensor) -> torch.Tensor:
