@@ -25,7 +25,7 @@ from torch import nn
 from .checkpoint import CheckpointReader
 from .errors import StreamqError
 from .evaluate import QuantLinear
-from .moe import base_names
+from .moe import base_names, expert_chunks
 from .plan import DESCRIPTION_NAME, model_dtype
 
 log = logging.getLogger(__name__)
@@ -106,12 +106,6 @@ class Streams:
     device: torch.device
     batch: int                   # sequences per batch
     budget_gb: float             # routed experts read per chunk (reference + stored tensors)
-
-
-def expert_chunks(n_experts: int, expert_bytes: int, budget_gb: float) -> list[list[int]]:
-    """Consecutive experts, as many per chunk as the budget holds (at least one)."""
-    per = max(1, int(budget_gb * 1e9) // max(1, expert_bytes))
-    return [list(range(a, min(a + per, n_experts))) for a in range(0, n_experts, per)]
 
 
 def _expert_bytes(st: Streams, step, sources: list[str]) -> int:

@@ -71,9 +71,13 @@ def _expert_chunks(ctx: Context, step: Step) -> list[list[int]]:
     in the compute dtype. Each expert then goes to the device alone."""
     c = ctx.arch.config
     per_expert = 3 * c.hidden_size * c.moe_intermediate_size * torch.finfo(ctx.cdt).bits // 8
-    chunk = max(1, int(ctx.recipe.run.expert_budget_gb * 1e9) // per_expert)
-    E = c.n_routed_experts
-    return [list(range(a, min(a + chunk, E))) for a in range(0, E, chunk)]
+    return expert_chunks(c.n_routed_experts, per_expert, ctx.recipe.run.expert_budget_gb)
+
+
+def expert_chunks(n_experts: int, expert_bytes: int, budget_gb: float) -> list[list[int]]:
+    """Consecutive experts, as many per chunk as the budget holds (at least one)."""
+    per = max(1, int(budget_gb * 1e9) // max(1, expert_bytes))
+    return [list(range(a, min(a + per, n_experts))) for a in range(0, n_experts, per)]
 
 
 def _add_expert(out: torch.Tensor | None, expert, p: BasePass, e: int, ctx: Context) -> int:
