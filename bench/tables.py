@@ -61,6 +61,17 @@ def static(act_method: int, smooth: str, level: int = 0) -> tuple[str, str]:
             recipe("W8A8", CALIB_FULL, w_method="MinMax", act_method=act_method, **anti, **fallback))
 
 
+def static_plays(act_method: int, level: int, method: str = "GPTQ") -> tuple[str, str]:
+    """W8A8 static with m4 asym smoothing, calibrated (ranges, smoothing, GPTQ) on the held-out plays
+    instead of the built-in prompts: the same domain as the evaluated text, disjoint from it."""
+    label, text = static(act_method, "m4a", level)
+    text = text.replace('w_method = "MinMax"', f'w_method = "{method}"')
+    text = text.replace('source = "builtin"', f'source = "{PLAYS_FILE.relative_to(ROOT)}"')
+    text = text.replace(f"samples = {CALIB_FULL[0]}\nseq_len = {CALIB_FULL[1]}",
+                        f"samples = {CALIB_PLAYS[0]}\nseq_len = {CALIB_PLAYS[1]}")
+    return label + f", {method}, calibrated on the held-out plays", text
+
+
 def w4(group: int, method: str, act_order: bool = False) -> tuple[str, str]:
     extra = dict(act_order=True) if act_order else {}
     label = f"W4A16 g{group} asym, {method}" + (" act_order" if act_order else "")
@@ -116,6 +127,10 @@ CONFIGS = [
     ("w8a16-minmax", "B", wq("W8A16", "MinMax")),
     ("w8a16-gptq", "B", wq("W8A16", "GPTQ")),
     ("w8a8-mix", "A", ("W8A8_MIX (act_method 1, no smoothing)", recipe("W8A8_MIX", CALIB_FULL, w_method="MinMax"))),
+    ("w8a8-mix-m4a", "A", ("W8A8_MIX (act_method 1, m4 asym α=0.9)",
+                           static(1, "m4a")[1].replace('scheme = "W8A8"', 'scheme = "W8A8_MIX"'))),
+    ("w8a8-am1-m4a-l8-plays", "A", static_plays(1, 8)),
+    ("w8a8-am3-m4a-l8-plays", "A", static_plays(3, 8)),
     ("w8a8-am2-none", "A", static(2, "none")),
     ("w8a8-am2-m1", "A", static(2, "m1")),
     ("w8a8-am2-m4", "A", static(2, "m4")),
@@ -177,14 +192,29 @@ def run_one(name: str, text: str) -> dict:
     js.unlink(missing_ok=True)
     rc, t_eval = sh([py, "-m", "streamq", "eval", "--reference", rel(MODEL), "--quantized", rel(out),
                      "--samples", str(EVAL_SAMPLES), "--seq-len", str(EVAL_SEQ), "--json", rel(js)], log)
-    shutil.rmtree(out, ignore_errors=True)
     if rc != 0 or not js.exists():
+        shutil.rmtree(out, ignore_errors=True)
         return {"error": f"eval failed (rc {rc}): {last_error(log)}", "verify": verify,
                 "seconds": {"run": t_run, "verify": t_ver, "eval": t_eval}}
     result = json.loads(js.read_text())
     result.update(verify=verify, seconds={"run": t_run, "verify": t_ver, "eval": t_eval}, recipe=text)
+    if 'scheme = "W8A8_MIX"' in text:
+        result["decode"] = eval_decode(out, js.with_suffix(".decode.json"), log)
+    shutil.rmtree(out, ignore_errors=True)
     js.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def eval_decode(out: Path, js: Path, log: Path) -> dict:
+    """PDMIX's second path: the same output evaluated with its static per-tensor (decode) math."""
+    rc, t = sh([sys.executable, "-m", "streamq", "eval", "--reference", rel(MODEL), "--quantized", rel(out),
+                "--samples", str(EVAL_SAMPLES), "--seq-len", str(EVAL_SEQ), "--phase", "decode", "--json", rel(js)], log)
+    if rc != 0 or not js.exists():
+        return {"error": f"decode eval failed (rc {rc}): {last_error(log)}", "seconds": {"eval": t}}
+    r = json.loads(js.read_text())
+    js.unlink()
+    r.update(verify="pass (same output)", seconds={"eval": t})
+    return r
 
 
 # --- tables ----------------------------------------------------------------------------------
@@ -212,7 +242,15 @@ def write_md(results: dict[str, dict], started: str, note: str = "") -> None:
 
     def table(tag: str, with_float: bool) -> list[str]:
         rows = [float_row] if with_float else []
-        rows += [fmt_row(label, results.get(name), ref_ppl) for name, tabs, (label, _) in CONFIGS if tag in tabs]
+        for name, tabs, (label, _) in CONFIGS:
+            if tag not in tabs:
+                continue
+            r = results.get(name)
+            if r and "decode" in r:   # PDMIX: one output, two paths
+                rows += [fmt_row(label + ", prefill path (per-token)", r, ref_ppl),
+                         fmt_row(label + ", decode path (static per-tensor)", r["decode"], ref_ppl)]
+            else:
+                rows.append(fmt_row(label, r, ref_ppl))
         return head + rows
 
     missing = [name for name, _, _ in CONFIGS if name not in done]

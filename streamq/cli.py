@@ -45,7 +45,7 @@ def _eval(a) -> int:
     import json
     from .evaluate import evaluate, table
     result = evaluate(Path(a.reference), Path(a.quantized), Path(a.text) if a.text else None, a.samples,
-                      a.seq_len, a.batch_size, a.device, a.expert_budget_gb)
+                      a.seq_len, a.batch_size, a.device, a.expert_budget_gb, a.phase)
     print(table(result))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
@@ -86,6 +86,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--expert-budget-gb", type=float, default=8.0,
                    help="DeepSeek: routed experts read per chunk (reference + stored tensors), as run.expert_budget_gb")
+    e.add_argument("--phase", choices=("prefill", "decode"), default="prefill",
+                   help="W8A8_MIX (PDMIX): run its per-token prefill path or its static per-tensor decode path")
     e.add_argument("--json", help="also write the result as JSON to this file")
     e.set_defaults(fn=_eval)
     s = sub.add_parser("synth", help="write a random checkpoint in the hub's naming", add_help=False)

@@ -30,17 +30,19 @@ DEFAULT_PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt", "lear_gut.txt", "othello_g
 
 # Types whose run-time math is another type's: W8A8S differs from W8A8 only in its weight values.
 RUNS_AS = {"W8A8S": "W8A8"}
+PHASES = ("prefill", "decode")
 
 
 class QuantLinear(nn.Module):
     """A linear that computes from the stored tensors with the consumer's math."""
 
-    def __init__(self, scheme: str, tensors: dict[str, torch.Tensor], group_size: int):
+    def __init__(self, scheme: str, tensors: dict[str, torch.Tensor], group_size: int, phase: str = "prefill"):
         super().__init__()
         self.scheme, self.t, self.group_size = RUNS_AS.get(scheme, scheme), tensors, group_size
+        self.phase = phase   # W8A8_MIX only: "prefill" (per-token) or "decode" (per-tensor static)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ref_matmul.linear(self.scheme, x, self.t, self.group_size).to(x.dtype)
+        return ref_matmul.linear(self.scheme, x, self.t, self.group_size, self.phase).to(x.dtype)
 
 
 def default_text() -> Path:
@@ -80,7 +82,7 @@ def eval_ids(texts: list[str], tok_dir: Path, vocab: int, samples: int, seq_len:
     return ids.clamp_(max=vocab - 1)
 
 
-def _quantized_layer(arch, step, out: CheckpointReader, desc: dict, device, dtype) -> nn.Module:
+def _quantized_layer(arch, step, out: CheckpointReader, desc: dict, device, dtype, phase: str) -> nn.Module:
     """The layer built from the output's tensors; each quantized linear becomes a QuantLinear."""
     tensors, quantized = {}, []
     for name, shape in step.shapes.items():
@@ -100,7 +102,7 @@ def _quantized_layer(arch, step, out: CheckpointReader, desc: dict, device, dtyp
         names = [n for n in out.tensors if n.startswith(module + ".") and n.rsplit(".", 1)[0] == module]
         stored = {n.rsplit(".", 1)[1]: t.to(device) for n, t in out.load(names).items()}
         parent, _, leaf = module[len(prefix):].rpartition(".")
-        setattr(layer.get_submodule(parent), leaf, QuantLinear(qtype, stored, desc.get("group_size", 0)))
+        setattr(layer.get_submodule(parent), leaf, QuantLinear(qtype, stored, desc.get("group_size", 0), phase))
     return layer
 
 
@@ -132,13 +134,13 @@ def _logit_stats(h_r, h_q, head_r, head_q, norm_r, norm_q, ids, acc: dict) -> No
     acc["n"] += target.numel()
 
 
-def _dense_layers(arch, steps, ref, out, desc, H_r, H_q, seq_len: int, batch: int, device) -> list[dict]:
+def _dense_layers(arch, steps, ref, out, desc, H_r, H_q, seq_len: int, batch: int, device, phase: str) -> list[dict]:
     """Both models' decoder layers over H_r / H_q (in place), one layer of each resident."""
     rotary = arch.rotary(seq_len, device, torch.float32)
     layer_err = []
     for step in steps[1:-1]:
         layer_r = arch.build_layer(step, ref.load(list(step.shapes)), device, torch.float32)
-        layer_q = _quantized_layer(arch, step, out, desc, device, torch.float32)
+        layer_q = _quantized_layer(arch, step, out, desc, device, torch.float32, phase)
         with torch.no_grad():
             for i in range(0, H_r.shape[0], batch):
                 H_r[i:i + batch] = arch.layer_forward(layer_r, H_r[i:i + batch].to(device), rotary).cpu()
@@ -149,9 +151,13 @@ def _dense_layers(arch, steps, ref, out, desc, H_r, H_q, seq_len: int, batch: in
 
 
 def evaluate(reference: Path, quantized: Path, text: Path | None = None, samples: int = 16, seq_len: int = 512,
-             batch: int = 4, device: str = "cpu", expert_budget_gb: float = 8.0) -> dict:
+             batch: int = 4, device: str = "cpu", expert_budget_gb: float = 8.0, phase: str = "prefill") -> dict:
     """Dense models layer by layer; DeepSeek-V3/R1 with routed experts read in chunks of
-    `expert_budget_gb` (streamq.evaluate_moe; its MTP layer is not evaluated)."""
+    `expert_budget_gb` (streamq.evaluate_moe; its MTP layer is not evaluated). `phase` picks the
+    path W8A8_MIX (PDMIX) linears run: "prefill" per-token dynamic, "decode" per-tensor static."""
+    if phase not in PHASES:
+        raise StreamqError(f"eval phase {phase!r} is not one of {', '.join(PHASES)}",
+                           "prefill runs W8A8_MIX per token, decode with its static per-tensor range")
     ref = CheckpointReader(reference)
     out = CheckpointReader(quantized, index_name=INDEX_NAME, shard_prefix="quant_model_weights")
     desc = json.loads((Path(quantized) / DESCRIPTION_NAME).read_text())
@@ -166,8 +172,10 @@ def evaluate(reference: Path, quantized: Path, text: Path | None = None, samples
     embed_q = out.load(["model.embed_tokens.weight"])["model.embed_tokens.weight"].float()
     H_r, H_q = embed_r[ids], embed_q[ids]
     if isinstance(arch, DenseArch):
-        layer_err = _dense_layers(arch, steps, ref, out, desc, H_r, H_q, seq_len, batch, device)
+        layer_err = _dense_layers(arch, steps, ref, out, desc, H_r, H_q, seq_len, batch, device, phase)
     else:  # DeepSeek: routed experts streamed in chunks (imported here: that module imports this one)
+        if phase != "prefill" and "W8A8_MIX" in desc.values():
+            raise StreamqError("eval --phase decode is implemented for dense models", "use --phase prefill")
         from .evaluate_moe import moe_layers
         layer_err = moe_layers(arch, steps, ref, out, desc, H_r, H_q, seq_len, batch, device, expert_budget_gb)
     final = steps[-1]
@@ -175,17 +183,17 @@ def evaluate(reference: Path, quantized: Path, text: Path | None = None, samples
     norm_r = arch.final_norm(fr["model.norm.weight"].float())
     norm_q = arch.final_norm(out.load(["model.norm.weight"])["model.norm.weight"].float())
     head_r = fr.get("lm_head.weight", embed_r).float()
-    head_q = _head(out, desc, embed_q)
+    head_q = _head(out, desc, embed_q, phase)
     acc = {"nll_r": 0.0, "nll_q": 0.0, "kl_sum": 0.0, "kl_max": 0.0, "top1": 0, "n": 0}
     for i in range(0, samples, batch):
         _logit_stats(H_r[i:i + batch], H_q[i:i + batch], head_r, head_q, norm_r, norm_q, ids[i:i + batch], acc)
     n = acc["n"]
-    return {"tokens": n, "ppl_reference": math.exp(acc["nll_r"] / n), "ppl_quantized": math.exp(acc["nll_q"] / n),
+    return {"tokens": n, "phase": phase, "ppl_reference": math.exp(acc["nll_r"] / n), "ppl_quantized": math.exp(acc["nll_q"] / n),
             "kl_mean": acc["kl_sum"] / n, "kl_max": acc["kl_max"], "top1_agreement": acc["top1"] / n,
             "layers": layer_err}
 
 
-def _head(out: CheckpointReader, desc: dict, embed_q: torch.Tensor):
+def _head(out: CheckpointReader, desc: dict, embed_q: torch.Tensor, phase: str):
     """lm_head of the output: FLOAT weight, tied embedding, or a quantized linear."""
     qtype = desc.get("lm_head.weight")
     if qtype is None:
@@ -194,12 +202,12 @@ def _head(out: CheckpointReader, desc: dict, embed_q: torch.Tensor):
         return out.load(["lm_head.weight"])["lm_head.weight"].float()
     names = [n for n in out.tensors if n.startswith("lm_head.")]
     stored = {n.split(".", 1)[1]: t for n, t in out.load(names).items()}
-    return QuantLinear(qtype, stored, desc.get("group_size", 0))
+    return QuantLinear(qtype, stored, desc.get("group_size", 0), phase)
 
 
 def table(r: dict) -> str:
     delta = (r["ppl_quantized"] / r["ppl_reference"] - 1) * 100
-    lines = [f"tokens evaluated: {r['tokens']}",
+    lines = [f"tokens evaluated: {r['tokens']}" + (" (W8A8_MIX decode path)" if r.get("phase") == "decode" else ""),
              f"perplexity: reference {r['ppl_reference']:.4f}  quantized {r['ppl_quantized']:.4f}  ({delta:+.2f}%)",
              f"KL(reference || quantized): mean {r['kl_mean']:.3e}  max {r['kl_max']:.3e}",
              f"top-1 agreement: {r['top1_agreement'] * 100:.2f}%", "", "| layer | relative error of hidden states |",

@@ -84,3 +84,34 @@ def test_eval_cli_prints_a_table(runs, tmp_path):
                    "--json", tmp_path / "r.json", check=True)
     assert "top-1 agreement" in proc.stdout
     assert json.loads((tmp_path / "r.json").read_text())["tokens"] == 2 * 15
+
+
+def relabel(src, dst, old: str, new: str):
+    """A copy of an output whose description says `new` wherever it said `old` (same tensors)."""
+    import shutil
+    shutil.copytree(src, dst)
+    path = dst / "quant_model_description.json"
+    desc = json.loads(path.read_text())
+    path.write_text(json.dumps({k: new if v == old else v for k, v in desc.items()}))
+    return dst
+
+
+def test_w8a8_mix_phases_run_the_dynamic_and_the_static_path(runs):
+    tmp, model, _, _ = runs
+    mix = tmp / "mix"
+    run_cli("run", write_recipe(tmp / "mix.toml", SMALL_CAL + '[quant]\nscheme = "W8A8_MIX"\n'), "--model", model,
+            "--output", mix, check=True)
+    prefill, decode = (evaluate(model, mix, samples=4, seq_len=32, batch=2, phase=p) for p in ("prefill", "decode"))
+    assert prefill["phase"] == "prefill" and decode["phase"] == "decode"
+    # PDMIX holds both tensor sets: each phase must equal the scheme it borrows its math from.
+    as_dynamic = ev(model, relabel(mix, tmp / "mix-dyn", "W8A8_MIX", "W8A8_DYNAMIC"))
+    as_static = ev(model, relabel(mix, tmp / "mix-static", "W8A8_MIX", "W8A8"))
+    assert prefill["kl_mean"] == as_dynamic["kl_mean"] and decode["kl_mean"] == as_static["kl_mean"]
+    assert prefill["kl_mean"] != decode["kl_mean"]
+
+
+def test_eval_refuses_an_unknown_phase(runs):
+    from streamq.errors import StreamqError
+    _, model, out, _ = runs
+    with pytest.raises(StreamqError, match="phase 'both'"):
+        evaluate(model, out, samples=4, seq_len=32, batch=2, phase="both")
