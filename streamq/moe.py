@@ -11,6 +11,10 @@ The attention of a batch is computed once per pass, never once per chunk. As in 
 (layerquant.plan_passes), a pass covers every calibration row only when it is propagated or
 feeds statistics (the base's static ranges and Hessians come from the float pass, the experts'
 Hessians from the quantized one); otherwise it covers the first batch, which rel_error compares.
+With anti-outlier smoothing, a float pass over every row first collects the base's input
+statistics and the base is smoothed in place (smoothing.smooth_deepseek); in a MoE layer the
+routed experts' gate/up weights are read once beforehand, a chunk at a time, for their column
+maxima, and each expert's gate/up columns are rescaled as it is loaded for the experts phase.
 """
 from __future__ import annotations
 
@@ -22,7 +26,9 @@ from . import faults
 from .arch.base import Step
 from .layerquant import (needs_hessian, needs_statistics, observe_inputs, plan_passes, quantize_linears,
                          rel_error, static_inputs)
-from .steps import Context, load_float, prefetch_float, write_outputs
+from .smooth_mla import Smoothed, scale_routed_expert
+from .smoothing import refreshed_modules, smooth_deepseek
+from .steps import Context, load_float, prefetch_float, read_float, write_outputs
 
 EXPERT_TAG = ".mlp.experts."
 
@@ -106,9 +112,11 @@ def _quantize_expert(ctx: Context, step: Step, expert, prefix: str, Q: BasePass,
     return quantize_linears(expert, prefix, args, step.groups, obs, ctx.plan.model_dtype)
 
 
-def _experts_phase(ctx: Context, step: Step, F: BasePass, Q: BasePass, rows: int) -> dict:
+def _experts_phase(ctx: Context, step: Step, F: BasePass, Q: BasePass, rows: int,
+                   routed: torch.Tensor | None) -> dict:
     """`rows`: the calibration rows; experts without tokens are counted on a pass over all of
-    them, the float one when it covers them."""
+    them, the float one when it covers them. `routed`: the smoothing scale of every expert's
+    gate/up columns (None: not smoothed)."""
     i = step.index
     counted = F if F.out.shape[0] == rows else Q
     unrouted = []
@@ -122,6 +130,8 @@ def _experts_phase(ctx: Context, step: Step, F: BasePass, Q: BasePass, rows: int
         raw = load_float(ctx, step, names)
         for e in chunk:
             prefix = ctx.arch.expert_prefix(i, e)
+            if routed is not None:
+                scale_routed_expert(raw, prefix, routed)
             own = [n for n in names if n.startswith(prefix + ".")]
             expert = ctx.arch.build_expert(i, e, raw, ctx.device, ctx.cdt)
             n_float = _add_expert(F.out, expert, F, e, ctx)
@@ -143,15 +153,18 @@ def base_names(step: Step) -> list[str]:
     return [n for n in step.shapes if not _is_expert(n)]
 
 
-def _base_phase(ctx: Context, step: Step, make_inputs, shape, propagate: str) -> tuple[BasePass, BasePass]:
+def _base_phase(ctx: Context, step: Step, make_inputs, shape, propagate: str):
     """`make_inputs(base)` returns `inputs(i, j)`: the base's input for calibration rows i:j.
-    The pass named by `propagate` covers every row; the other too when it feeds statistics."""
+    The pass named by `propagate` covers every row; the other too when it feeds statistics.
+    Returns the float and quantized passes and the routed experts' smoothing scale (or None)."""
     names = base_names(step)
     raw = load_float(ctx, step, names)
     base = ctx.arch.build_base(step, raw, ctx.device, ctx.cdt)
     inputs = make_inputs(base)
     moe = ctx.arch.is_moe(step.index)
     prefix = f"model.layers.{step.index}"
+    smoothed = _smooth_base(ctx, step, base, inputs, shape, moe) if ctx.recipe.anti_method else Smoothed()
+    raw = refreshed_modules(raw, base, prefix, smoothed.modules)
     args = {n: a for n, a in ctx.plan.args.items() if n in step.linears and not _is_expert(n)
             and n in _submodules(base, prefix)}
     quantizable = [n for n, a in args.items() if a.scheme != "FLOAT"]
@@ -168,7 +181,35 @@ def _base_phase(ctx: Context, step: Step, make_inputs, shape, propagate: str) ->
         else BasePass(F.out.clone(), F.x, F.idx, F.w)
     head = _mtp_head(ctx, step, raw)
     write_outputs(ctx, step, raw, {**quantized, **head}, names)
-    return F, Q
+    return F, Q, smoothed.routed
+
+
+def _smooth_base(ctx: Context, step: Step, base, inputs, shape, moe: bool) -> Smoothed:
+    """Smooth the base in place from a float pass over every calibration row. The pass stops
+    before the routed experts: the statistics it needs are all inputs of the base."""
+    arch, (S, L, _), b = ctx.arch, shape, ctx.recipe.run.batch_size
+    rotary = ctx.rotary_for(L)
+
+    def run():
+        for i in range(0, S, b):
+            x = arch.mlp_input(base, arch.attn_block(base, inputs(i, min(i + b, S)), rotary))
+            (arch.shared if moe else arch.dense_mlp)(base, x)
+    wmax = _routed_wmax(ctx, step) if moe and "norm-linear" in ctx.recipe.enable_subgraph_type else None
+    return smooth_deepseek(ctx.recipe, base, run, S * L, wmax)
+
+
+def _routed_wmax(ctx: Context, step: Step) -> torch.Tensor:
+    """max|W| per input channel over every routed expert's gate/up, read a chunk at a time. The
+    MoE input's scale must cover them before the base is quantized, while the experts phase comes
+    after it: this reads two thirds of the experts' weights once more."""
+    wmax = None
+    for chunk in _expert_chunks(ctx, step):
+        names = [f"{ctx.arch.expert_prefix(step.index, e)}.{proj}.weight" for e in chunk
+                 for proj in ("gate_proj", "up_proj")]
+        for W in read_float(ctx, names).values():
+            m = W.abs().amax(0).float()
+            wmax = m if wmax is None else torch.maximum(wmax, m)
+    return wmax
 
 
 def _submodules(base, prefix: str) -> set[str]:
@@ -196,9 +237,9 @@ def _finish(ctx: Context, F: BasePass, Q: BasePass, propagate: str):
 
 def step_deepseek_layer(ctx: Context, step: Step, H):
     propagate = ctx.recipe.run.propagate
-    F, Q = _base_phase(ctx, step, lambda base: lambda i, j: H[i:j].to(ctx.device, ctx.cdt), tuple(H.shape),
-                       propagate)
-    stats = _experts_phase(ctx, step, F, Q, H.shape[0]) if ctx.arch.is_moe(step.index) else {}
+    F, Q, routed = _base_phase(ctx, step, lambda base: lambda i, j: H[i:j].to(ctx.device, ctx.cdt),
+                               tuple(H.shape), propagate)
+    stats = _experts_phase(ctx, step, F, Q, H.shape[0], routed) if ctx.arch.is_moe(step.index) else {}
     H_next, err = _finish(ctx, F, Q, propagate)
     return H_next, {**stats, "rel_error": err}
 
@@ -225,8 +266,8 @@ def step_mtp(ctx: Context, step: Step, H):
                                                next_embeds[i:j].to(ctx.device, ctx.cdt))
     # Nothing is propagated, but the float pass still covers every row so that the report's
     # experts_without_tokens counts all calibration tokens.
-    F, Q = _base_phase(ctx, step, make_inputs, tuple(h_main.shape), "float")
-    stats = _experts_phase(ctx, step, F, Q, h_main.shape[0])
+    F, Q, routed = _base_phase(ctx, step, make_inputs, tuple(h_main.shape), "float")
+    stats = _experts_phase(ctx, step, F, Q, h_main.shape[0], routed)
     _, err = _finish(ctx, F, Q, "float")
     return H, {**stats, "rel_error": err}
 

@@ -32,6 +32,7 @@ from .plan import DESCRIPTION_NAME, INDEX_NAME, build_plan, model_dtype
 from .recipe import Recipe
 from .report import finalize_outputs, small_files
 from .shards import ShardWriter
+from .smoothing import check_deepseek
 from .arch.deepseek_v3 import DeepseekArch
 from .arch.llama import DenseArch
 from .moe import MOE_STEP_FNS, base_names
@@ -78,9 +79,11 @@ def prepare(recipe: Recipe, model_dir: Path, recorded: list[dict] = (), device_n
     reader = CheckpointReader(model_dir)
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     arch = arch_for(config, reader)
-    if (recipe.anti_method or recipe.use_kvcache_quant) and not isinstance(arch, DenseArch):
-        raise StreamqError(f"anti-outlier smoothing and KV cache C8 are implemented for dense models, "
-                           f"not {config.model_type}", "remove quant.anti_method / do_smooth / use_kvcache_quant")
+    if recipe.use_kvcache_quant and not isinstance(arch, DenseArch):
+        raise StreamqError(f"KV cache C8 is implemented for dense models, not {config.model_type}",
+                           "remove quant.use_kvcache_quant")
+    if not isinstance(arch, DenseArch):
+        check_deepseek(recipe)
     steps = arch.steps()
     for s in steps:
         check_shapes(s, reader.info)

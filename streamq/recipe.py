@@ -47,6 +47,8 @@ NEUTRAL_OPTIONS = {
 }
 # msModelSlim's sparse-quantization words: is_lowbit picks W8A8S, the others shape its weight fit.
 SPARSE_KEYS = ("is_lowbit", "co_sparse", "open_outlier", "use_sigma", "sigma_factor", "fraction")
+# msModelSlim's smoothing subgraph types (`enable_subgraph_type`), in its order of application.
+SUBGRAPH_TYPES = ("up-down", "ov", "norm-linear", "linear-linear")
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,8 @@ class QuantArgs:
     w_method: str = "minmax"
     w_sym: bool = True
     percdamp: float = 0.01       # GPTQ damping, relative to mean(diag H)
-    act_order: bool = False      # GPTQ: columns by decreasing diag(H), static group mapping
+    act_order: bool = True       # GPTQ: columns by decreasing diag(H), static group mapping (free in
+                                 # the stored format; measured better at every group size)
     outliers: Outliers = Outliers()  # W8A8S only
 
 
@@ -115,6 +118,7 @@ class Recipe:
     anti_method: str = ""        # anti-outlier smoothing: "" (none), "m1" SmoothQuant, "m4" iter-smooth, "m6" flex
     alpha: float | None = None   # smoothing strength (default 0.5 for m1, 0.9 for m4; m6 searches it)
     anti_symmetric: bool = True  # m4 / m6: false shifts by the channel midpoint (adds norm biases)
+    enable_subgraph_type: tuple[str, ...] = SUBGRAPH_TYPES  # which subgraphs smoothing rescales
     disable_level: int = 0       # msModelSlim "L<n>": the n linears with the most outlying inputs stay FLOAT
     act_method: int = 1          # static activation range: 1 min-max, 2 histogram (MSE), 3 auto-mix
     act_aggregate: str = "global"  # min-max over batches: "global" extremes or "mean" of per-batch
@@ -148,6 +152,7 @@ class Recipe:
                 "disable_names": list(self.disable_names),
                 "disable_last_linear": self.disable_last_linear,
                 "anti_method": self.anti_method, "alpha": self.alpha, "anti_symmetric": self.anti_symmetric,
+                "enable_subgraph_type": list(self.enable_subgraph_type),
                 "act_method": self.act_method, "act_aggregate": self.act_aggregate,
                 "use_kvcache_quant": self.use_kvcache_quant, "disable_level": self.disable_level,
             },
@@ -177,8 +182,8 @@ TABLE_KEYS = {
 }
 ARG_KEYS = {"scheme", "group_size", "w_method", "w_sym", "w_bit", "a_bit", "is_dynamic", "percdamp", "act_order"}
 QUANT_KEYS = ARG_KEYS | {"rules", "disable_names", "disable_last_linear", "anti_method", "do_smooth", "alpha",
-                         "anti_symmetric", "act_method", "act_aggregate", "use_kvcache_quant", "disable_level"} | set(NEUTRAL_OPTIONS) \
-    | set(SPARSE_KEYS)
+                         "anti_symmetric", "enable_subgraph_type", "act_method", "act_aggregate",
+                         "use_kvcache_quant", "disable_level"} | set(NEUTRAL_OPTIONS) | set(SPARSE_KEYS)
 ANTI_METHODS = ("", "m1", "m4", "m6")
 DISABLE_LEVEL = re.compile(r"L(\d{1,6})")
 RULE_KEYS = ARG_KEYS | {"match"}
@@ -392,6 +397,7 @@ def _parse_anti(quant: dict, path: Path) -> dict:
     if not symmetric and method not in ("m4", "m6"):
         raise StreamqError(f"{path}: anti_symmetric = false needs anti_method = \"m4\" or \"m6\"",
                            "the shifted (asymmetric) smoothing is a variant of iter-smooth and flex-smooth")
+    subgraphs = _parse_subgraphs(quant, method, path)
     act_method = _typed(quant.get("act_method", 1), int, "quant.act_method", path)
     if act_method not in (1, 2, 3):
         raise StreamqError(f"{path}: quant.act_method = {act_method} is not 1, 2 or 3",
@@ -399,8 +405,30 @@ def _parse_anti(quant: dict, path: Path) -> dict:
     aggregate = _typed(quant.get("act_aggregate", "global"), str, "quant.act_aggregate", path)
     _check_choice(aggregate, ("global", "mean"), "quant.act_aggregate", path)
     kv = _typed(quant.get("use_kvcache_quant", False), bool, "quant.use_kvcache_quant", path)
-    return {"anti_method": method, "alpha": alpha, "anti_symmetric": symmetric, "act_method": act_method,
+    return {"anti_method": method, "alpha": alpha, "anti_symmetric": symmetric, "enable_subgraph_type": subgraphs,
+            "act_method": act_method,
             "act_aggregate": aggregate, "use_kvcache_quant": kv, "disable_level": _parse_level(quant, path)}
+
+
+def _parse_subgraphs(quant: dict, method: str, path: Path) -> tuple[str, ...]:
+    """enable_subgraph_type: a non-empty list of SUBGRAPH_TYPES (any order, kept in the order of
+    application, so that two spellings of one choice hash alike); only with anti_method."""
+    if "enable_subgraph_type" not in quant:
+        return SUBGRAPH_TYPES
+    value, key = quant["enable_subgraph_type"], "quant.enable_subgraph_type"
+    valid = ", ".join(f'"{t}"' for t in SUBGRAPH_TYPES)
+    if not method:
+        raise StreamqError(f"{path}: {key} selects what smoothing rescales, and anti_method is not set",
+                           'set anti_method (e.g. "m4") or remove the key')
+    if not isinstance(value, list) or not value or not all(isinstance(t, str) for t in value):
+        raise StreamqError(f"{path}: {key} must be a non-empty list of subgraph types, got {json.dumps(value)}",
+                           f"choose from {valid}; to smooth nothing, remove anti_method")
+    for t in value:
+        if t not in SUBGRAPH_TYPES:
+            close = difflib.get_close_matches(t, SUBGRAPH_TYPES, n=1)
+            raise StreamqError(f"{path}: {key} has unknown subgraph type {t!r}",
+                               (f"did you mean '{close[0]}'? " if close else "") + f"valid values: {valid}")
+    return tuple(t for t in SUBGRAPH_TYPES if t in value)
 
 
 def _parse_level(quant: dict, path: Path) -> int:

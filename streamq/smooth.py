@@ -18,29 +18,22 @@ Methods:
   recentres norm→linear inputs by the channel midpoint and measures the half range instead of
   max|X|. Within one subgraph there is nothing to iterate: applying the rule again to the smoothed
   statistics (max|X|/s, max|W|·s) gives s = 1 wherever no clamp was active.
-- m6, flexible smooth: s = A^α / max|W|^β, A as in m4, with (α, β) chosen per subgraph on a
-  grid by the error of the quantized matmul Q_a(X/s) Q_w(W·s)ᵀ against the float X Wᵀ, on a token
-  sample of the subgraph's calibration input. Q_w is per-channel symmetric int8; Q_a is what the
-  consumer does (per-tensor static with the calibration range, per-token dynamic, or none). The
+- m6, flexible smooth: s = A^α / max|W|^β with (α, β) searched per subgraph (flex.py); the
   chosen s is then folded exactly like m4's, shift included.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from itertools import product
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-log = logging.getLogger("streamq")
+from .recipe import SUBGRAPH_TYPES
+
 SCALE_MIN = 1e-5     # lower bound of s (and of max|W|): keeps 1/s finite
 M1_ALPHA = 0.5       # SmoothQuant's default migration strength
 M4_ALPHA = 0.9       # msModelSlim iter_smooth's default
-FLEX_GRID = tuple(round(0.1 * i, 1) for i in range(11))     # 0, 0.1, …, 1: 121 (α, β) per subgraph
-FLEX_TOKENS = 1024   # tokens of each input the m6 search measures on: bounds its memory and time
-FLEX_ROWS = 256      # output rows it measures on (seeded sample; max|W| still spans every row)
 
 
 # ---- statistics -------------------------------------------------------------------------------
@@ -112,7 +105,7 @@ def weight_absmax(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([W.detach().float().abs().amax(0) for W in weights]).amax(0)
 
 
-def _power_scale(a: torch.Tensor, w: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+def power_scale(a: torch.Tensor, w: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     """s = a^α / w^β, clamped ≥ SCALE_MIN; s = 1 on channels that are zero in both X and W."""
     a = a.float()
     w = w.float().to(a.device)
@@ -124,7 +117,7 @@ def _power_scale(a: torch.Tensor, w: torch.Tensor, alpha: float, beta: float) ->
 
 def smoothquant_scale(act_absmax: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float = M1_ALPHA) -> torch.Tensor:
     """m1: s = max|X|^α / max|W|^(1−α) per input channel."""
-    return _power_scale(act_absmax, weight_absmax(weights), alpha, 1 - alpha)
+    return power_scale(act_absmax, weight_absmax(weights), alpha, 1 - alpha)
 
 
 def iter_smooth_scale(stats: ChannelStats, weights: Sequence[torch.Tensor], alpha: float = M4_ALPHA,
@@ -134,17 +127,12 @@ def iter_smooth_scale(stats: ChannelStats, weights: Sequence[torch.Tensor], alph
     The asymmetric A is what remains after the midpoint shift; it follows from the running
     min/max, so one calibration pass serves both variants.
     """
-    return _power_scale(act_extent(stats, symmetric), weight_absmax(weights), alpha, 1 - alpha)
+    return power_scale(act_extent(stats, symmetric), weight_absmax(weights), alpha, 1 - alpha)
 
 
 def act_extent(stats: ChannelStats, symmetric: bool) -> torch.Tensor:
     """A per channel: max|X| (symmetric), or max|X − δ| = (max − min)/2 after the midpoint shift."""
     return stats.absmax if symmetric else (stats.max - stats.min) / 2
-
-
-def flex_scale(act: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float, beta: float) -> torch.Tensor:
-    """m6: s = A^α / max|W|^β."""
-    return _power_scale(act, weight_absmax(weights), alpha, beta)
 
 
 def gqa_group_scale(s: torch.Tensor, num_heads: int, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,7 +154,7 @@ def gqa_group_scale(s: torch.Tensor, num_heads: int, num_kv_heads: int) -> tuple
 # ---- folding ----------------------------------------------------------------------------------
 
 @torch.no_grad()
-def _scale_columns(linear: nn.Linear, s: torch.Tensor) -> None:
+def scale_columns(linear: nn.Linear, s: torch.Tensor) -> None:
     W = linear.weight
     W.copy_(W.float() * s.to(W.device))
 
@@ -191,7 +179,7 @@ def apply_norm_linears(norm_weight: torch.Tensor, linears: Sequence[nn.Linear], 
                 lin.bias = nn.Parameter(torch.zeros(W.shape[0], dtype=W.dtype, device=W.device))
             lin.bias.copy_(lin.bias.float() + comp)
     for lin in linears:
-        _scale_columns(lin, s)
+        scale_columns(lin, s)
     norm_weight.copy_(norm_weight.float() / s.to(norm_weight.device))
     if shift is None and norm_bias is None:
         return None
@@ -220,7 +208,7 @@ def apply_linear_linear(prev: nn.Linear, nxt: nn.Linear, s: torch.Tensor,
     Wp.copy_(Wp.float() / s_prev.to(Wp.device)[:, None])
     if prev.bias is not None:
         prev.bias.copy_(prev.bias.float() / s_prev.to(prev.bias.device))
-    _scale_columns(nxt, s_nxt)
+    scale_columns(nxt, s_nxt)
     return s_nxt
 
 
@@ -243,6 +231,7 @@ def _m4_rule(stats: dict, alpha: float | None, samples: dict | None, acts: dict 
 
 
 def _m6_rule(stats: dict, alpha: float | None, samples: dict | None, acts: dict | None) -> Rule:
+    from .flex import flex_subgraph_scale   # flex.py builds on this module's scales
     if samples is None:
         raise ValueError("m6 searches on calibration samples: pass samples (key → tokens [T, in])")
     acts = acts or {}
@@ -254,10 +243,18 @@ RULES = {"m1": _m1_rule, "m4": _m4_rule, "m6": _m6_rule}
 SHIFTABLE = ("m4", "m6")   # the methods with an asymmetric (midpoint-shift) variant
 
 
+def check_method(method: str, symmetric: bool) -> None:
+    if method not in RULES:
+        raise ValueError(f"unknown smoothing method {method!r}")
+    if method not in SHIFTABLE and not symmetric:
+        raise ValueError(f"{method} is symmetric; use m4 or m6 for the shifted variant")
+
+
 @torch.no_grad()
 def smooth_dense_layer(layer: nn.Module, stats: dict[str, ChannelStats], method: str = "m1",
                        alpha: float | None = None, symmetric: bool = True, samples: dict | None = None,
-                       acts: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+                       acts: dict[str, str] | None = None,
+                       subgraphs: Sequence[str] = SUBGRAPH_TYPES) -> dict[str, torch.Tensor]:
     """Smooth a Llama / Qwen2 / Qwen3 decoder layer in place, subgraphs in msModelSlim's order.
 
     stats holds the input statistics of the unsmoothed layer, keyed like arch.llama.INPUT_GROUPS:
@@ -266,24 +263,39 @@ def smooth_dense_layer(layer: nn.Module, stats: dict[str, ChannelStats], method:
     shift (symmetric=False, m4 and m6) applies to norm→linears alone: up→down cannot carry one (the
     gate multiplies after up) and v→o is left symmetric as in msModelSlim. m6 also needs `samples`
     (the same keys: tokens of each input) and `acts` (key → the consumer's activation quantization,
-    FLOAT_ACT for a float consumer). Returns the norm biases created, by norm name ({} when symmetric).
+    FLOAT_ACT for a float consumer). `subgraphs` selects by msModelSlim's type names (a dense layer
+    has no "linear-linear" subgraph). Returns the norm biases created, by norm name ({} when
+    symmetric).
     """
-    if method not in RULES:
-        raise ValueError(f"unknown smoothing method {method!r}")
-    if method not in SHIFTABLE and not symmetric:
-        raise ValueError(f"{method} is symmetric; use m4 or m6 for the shifted variant")
+    check_method(method, symmetric)
     scale = RULES[method](stats, alpha, samples, acts)
+    biases = {}
+    for kind, step in DENSE_SUBGRAPHS:
+        if kind in subgraphs:
+            biases.update(step(layer, scale, stats, symmetric))
+    return biases
 
-    attn, mlp = layer.self_attn, layer.mlp
+
+def _dense_up_down(layer: nn.Module, scale: Rule, stats: dict, symmetric: bool) -> dict:
+    mlp = layer.mlp
+    apply_linear_linear(mlp.up_proj, mlp.down_proj, scale("down_in", [mlp.down_proj.weight], True, no_fold))
+    return {}
+
+
+def _dense_ov(layer: nn.Module, scale: Rule, stats: dict, symmetric: bool) -> dict:
+    attn = layer.self_attn
     heads = (attn.config.num_attention_heads, attn.config.num_key_value_heads)
-    apply_linear_linear(mlp.up_proj, mlp.down_proj, scale("down_in", [mlp.down_proj.weight], True, _same))
     s_o = scale("o_in", [attn.o_proj.weight], True, lambda s: gqa_group_scale(s, *heads)[1])
     apply_linear_linear(attn.v_proj, attn.o_proj, s_o, heads=heads)
+    return {}
 
+
+def _dense_norm_linears(layer: nn.Module, scale: Rule, stats: dict, symmetric: bool) -> dict:
+    attn, mlp = layer.self_attn, layer.mlp
     biases = {}
     for norm_name, key, linears in (("input_layernorm", "attn_in", [attn.q_proj, attn.k_proj, attn.v_proj]),
                                     ("post_attention_layernorm", "mlp_in", [mlp.gate_proj, mlp.up_proj])):
-        s = scale(key, [lin.weight for lin in linears], symmetric, _same)
+        s = scale(key, [lin.weight for lin in linears], symmetric, no_fold)
         shift = None if symmetric else asym_shift(stats[key])
         b = apply_norm_linears(getattr(layer, norm_name).weight, linears, s, shift)
         if b is not None:
@@ -291,99 +303,9 @@ def smooth_dense_layer(layer: nn.Module, stats: dict[str, ChannelStats], method:
     return biases
 
 
-def _same(s: torch.Tensor) -> torch.Tensor:
+# msModelSlim's subgraph types in its order of application (each returns the norm biases it made)
+DENSE_SUBGRAPHS = (("up-down", _dense_up_down), ("ov", _dense_ov), ("norm-linear", _dense_norm_linears))
+
+
+def no_fold(s: torch.Tensor) -> torch.Tensor:
     return s
-
-
-# ---- m6: (α, β) search ------------------------------------------------------------------------
-
-FLOAT_ACT = "float"   # the consumer stays float: nothing is quantized, so there is nothing to smooth
-
-
-def fake_quant_int8_sym(x: torch.Tensor, dim: int | None = -1) -> torch.Tensor:
-    """Symmetric int8 round trip, one scale per slice along `dim` (per tensor if dim is None)."""
-    m = x.abs().amax() if dim is None else x.abs().amax(dim, keepdim=True)
-    step = m.clamp(min=1e-12) / 127
-    return torch.clamp(torch.round(x / step), -127, 127) * step
-
-
-def fake_quant_static(x: torch.Tensor, lo, hi) -> torch.Tensor:
-    """Per-tensor asymmetric int8 round trip over the range [lo, hi] widened to hold 0 (the static
-    W8A8 input of FORMAT.md §3): step = (hi − lo)/255, offset = round(−lo/step) − 128. lo and hi
-    may be tensors broadcasting against x (one range per candidate of a batch)."""
-    lo = torch.as_tensor(lo, dtype=x.dtype, device=x.device).clamp(max=0)
-    hi = torch.as_tensor(hi, dtype=x.dtype, device=x.device).clamp(min=0)
-    step = (hi - lo).clamp(min=1e-8) / 255
-    o = torch.round(-lo / step) - 128
-    return (torch.clamp(torch.round(x / step + o), -128, 127) - o) * step
-
-
-# The consumer's activation round trip of X' = X/s for a batch of candidates S [k, in] (X' is
-# [k, tokens, in]), by quant.schemes' `act`. The per-tensor range is that of the whole calibration
-# set: per channel [lo, hi] of X divided by s, then the extremes.
-ACT_ROUND_TRIP = {
-    "per_tensor": lambda Xs, S, lo, hi: fake_quant_static(Xs, (lo / S).amin(-1)[:, None, None],
-                                                          (hi / S).amax(-1)[:, None, None]),
-    "per_token": lambda Xs, S, lo, hi: fake_quant_int8_sym(Xs),
-    "none": lambda Xs, S, lo, hi: Xs,
-}
-FLEX_CHUNK = 1 << 24   # elements of one candidate batch's [k, tokens, in]: bounds the search's memory
-
-
-def matmul_quant_errors(X: torch.Tensor, W: torch.Tensor, S: torch.Tensor, act: str = "per_token",
-                        lo: torch.Tensor | None = None, hi: torch.Tensor | None = None,
-                        ref: torch.Tensor | None = None) -> torch.Tensor:
-    """‖X Wᵀ − Q_a(X/s) Q_w(W·s)ᵀ‖ / ‖X Wᵀ‖ for each row s of S [k, in], as a tensor [k]: Q_w
-    per-channel symmetric int8, Q_a by `act` (ACT_ROUND_TRIP; lo/hi: per-channel calibration range
-    of X, for per_tensor). ref = X Wᵀ. Candidates go in one batch: a few large ops, not many small."""
-    ref = X @ W.T if ref is None else ref
-    Xq = ACT_ROUND_TRIP[act](X / S[:, None, :], S, lo, hi)
-    got = Xq @ fake_quant_int8_sym(W * S[:, None, :]).transpose(1, 2)
-    return (got - ref).flatten(1).norm(dim=1) / ref.norm().clamp(min=1e-12)
-
-
-def matmul_quant_error(X: torch.Tensor, W: torch.Tensor, s: torch.Tensor, act: str = "per_token",
-                       lo: torch.Tensor | None = None, hi: torch.Tensor | None = None) -> float:
-    """matmul_quant_errors for one s [in]."""
-    return float(matmul_quant_errors(X, W, s[None], act, lo, hi)[0])
-
-
-@torch.no_grad()
-def flex_smooth_search(X: torch.Tensor, weights: Sequence[torch.Tensor], A: torch.Tensor, act: str = "per_token",
-                       lo: torch.Tensor | None = None, hi: torch.Tensor | None = None, fold=_same,
-                       alphas: Sequence[float] = FLEX_GRID, betas: Sequence[float] = FLEX_GRID,
-                       rows: int | None = FLEX_ROWS) -> tuple[float, float, float]:
-    """m6: the (α, β) on the grid minimising matmul_quant_error(X, W_r, fold(s)), s = A^α / max|W|^β,
-    and that error. X [tokens, in] is a calibration sample, W the row-wise concatenation of the
-    weights reading it, W_r a seeded sample of at most `rows` of its rows (all when None: each row
-    is quantized on its own, so a row sample estimates the error without bias), A [in] the
-    activation extent of the whole calibration set. Every grid point is evaluated; on ties the
-    first in (α, β) order wins, so a flat error keeps (0, 0): s = 1."""
-    W = torch.cat([w.detach().float() for w in weights])
-    X = X.detach().float().to(W.device)
-    A, w_max = A.float().to(W.device), W.abs().amax(0)
-    lo, hi = (None, None) if lo is None else (lo.float().to(W.device), hi.float().to(W.device))
-    if rows is not None and W.shape[0] > rows:
-        W = W[torch.randperm(W.shape[0], generator=torch.Generator().manual_seed(0))[:rows].sort().values]
-    ref = X @ W.T
-    grid = list(product(alphas, betas))
-    chunk = max(1, FLEX_CHUNK // (X.numel() + W.numel()))
-    errs = torch.cat([matmul_quant_errors(X, W, torch.stack([fold(_power_scale(A, w_max, a, b)) for a, b in part]),
-                                          act, lo, hi, ref)
-                      for part in (grid[i:i + chunk] for i in range(0, len(grid), chunk))])
-    best = int(torch.argmin(errs))      # the first minimum
-    return grid[best][0], grid[best][1], float(errs[best])
-
-
-def flex_subgraph_scale(stats: ChannelStats, X: torch.Tensor, weights: Sequence[torch.Tensor], symmetric: bool,
-                        act: str, fold=_same) -> torch.Tensor:
-    """m6's s for one subgraph. Shifted (symmetric=False), the consumer sees X − δ and its bias
-    restores W δ exactly, so the search measures the error on X − δ with the shifted range."""
-    A = act_extent(stats, symmetric)
-    if act == FLOAT_ACT:
-        return torch.ones_like(A)
-    shift = torch.zeros_like(A) if symmetric else asym_shift(stats)
-    alpha, beta, err = flex_smooth_search(X - shift, weights, A, act, stats.min - shift, stats.max - shift, fold)
-    log.debug("m6: %d tokens × %d channels → α=%.2f β=%.2f (matmul error %.3e)", X.shape[0], X.shape[1],
-              alpha, beta, err)
-    return flex_scale(A, weights, alpha, beta)

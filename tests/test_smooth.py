@@ -6,10 +6,12 @@ from torch import nn
 from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
 from streamq.arch.llama import FAMILIES
+from streamq.flex import (
+    FLOAT_ACT, fake_quant_int8_sym, fake_quant_static, flex_smooth_search, flex_subgraph_scale, matmul_quant_error,
+)
 from streamq.smooth import (
-    FLOAT_ACT, ChannelObserver, ChannelStats, TokenSample, apply_linear_linear, apply_norm_linears, asym_shift,
-    fake_quant_int8_sym, fake_quant_static, flex_smooth_search, flex_subgraph_scale, gqa_group_scale,
-    iter_smooth_scale, matmul_quant_error, smooth_dense_layer, smoothquant_scale,
+    ChannelObserver, ChannelStats, TokenSample, apply_linear_linear, apply_norm_linears, asym_shift, gqa_group_scale,
+    iter_smooth_scale, smooth_dense_layer, smoothquant_scale,
 )
 
 HIDDEN, INTER, HEADS, HEAD_DIM, SEQ = 64, 128, 4, 16, 12
@@ -440,3 +442,50 @@ def test_m6_run_verifies_and_stays_close(tmp_path):
     assert cli.main(["verify", str(out)]) == 0
     assert load_all(out)["model.layers.1.post_attention_layernorm.bias"].dtype == torch.float32
     assert evaluate(model, out, samples=4, seq_len=32, batch=2)["kl_mean"] < 0.01
+
+
+# ---- 4. subgraph selection (enable_subgraph_type) ----------------------------------------------
+
+# msModelSlim's subgraph type → the tensors of a dense layer it rescales ("linear-linear" has none)
+DENSE_TOUCHED = {
+    "up-down": {"mlp.up_proj.weight", "mlp.down_proj.weight"},
+    "ov": {"self_attn.v_proj.weight", "self_attn.o_proj.weight"},
+    "norm-linear": {"input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
+                    "self_attn.k_proj.weight", "self_attn.v_proj.weight", "mlp.gate_proj.weight",
+                    "mlp.up_proj.weight"},
+    "linear-linear": set(),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DENSE_TOUCHED))
+def test_subgraph_selection_restricts_dense_smoothing(kind):
+    layer, rotary = make_layer("llama", 2)
+    h = hidden_with_outliers()
+    ref, stats = calibrate(layer, h, rotary)
+    before = {n: p.clone() for n, p in layer.named_parameters()}
+    assert smooth_dense_layer(layer, stats, "m4", subgraphs=(kind,)) == {}
+    changed = {n for n, p in layer.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == DENSE_TOUCHED[kind]
+    with torch.no_grad():
+        assert_same(forward(layer, h, rotary), ref)
+
+
+def test_asymmetric_run_without_norm_linear_plans_no_biases(tmp_path):
+    """The shift belongs to norm→linears: without that subgraph, asymmetric smoothing creates no
+    bias, and the plan expects none; ov alone leaves the norms as they were."""
+    from streamq import cli
+    from streamq.synth import write_dense
+    from conftest import SMALL_CAL, load_all, write_recipe
+    model = write_dense(tmp_path / "m", "llama", layers=2, hidden=64, intermediate=128, vocab=128)
+    rec = write_recipe(tmp_path / "r.toml", SMALL_CAL + '[quant]\nscheme = "FLOAT"\nanti_method = "m4"\n'
+                       'anti_symmetric = false\nenable_subgraph_type = ["ov"]\n')
+    out = tmp_path / "out"
+    assert cli.main(["run", str(rec), "--model", str(model), "--output", str(out)]) == 0
+    assert cli.main(["verify", str(out)]) == 0
+    got, src = load_all(out), load_all(model)
+    assert not [n for n in got if n.endswith("norm.bias")]
+    for i in (0, 1):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            assert torch.equal(got[f"model.layers.{i}.{norm}.weight"], src[f"model.layers.{i}.{norm}.weight"])
+        assert not torch.equal(got[f"model.layers.{i}.self_attn.v_proj.weight"],
+                               src[f"model.layers.{i}.self_attn.v_proj.weight"])
