@@ -65,21 +65,24 @@ def static_plays(act_method: int, level: int, method: str = "GPTQ") -> tuple[str
     """W8A8 static with m4 asym smoothing, calibrated (ranges, smoothing, GPTQ) on the held-out plays
     instead of the built-in prompts: the same domain as the evaluated text, disjoint from it."""
     label, text = static(act_method, "m4a", level)
-    text = text.replace('w_method = "MinMax"', f'w_method = "{method}"')
+    text = text.replace('w_method = "MinMax"', f'w_method = "{method}"' + ("\nact_order = true" if method == "GPTQ" else ""))
     text = text.replace('source = "builtin"', f'source = "{PLAYS_FILE.relative_to(ROOT)}"')
     text = text.replace(f"samples = {CALIB_FULL[0]}\nseq_len = {CALIB_FULL[1]}",
                         f"samples = {CALIB_PLAYS[0]}\nseq_len = {CALIB_PLAYS[1]}")
-    return label + f", {method}, calibrated on the held-out plays", text
+    return label + f", {method}" + (" act_order" if method == "GPTQ" else "") + ", calibrated on the held-out plays", text
 
 
 def w4(group: int, method: str, act_order: bool = False) -> tuple[str, str]:
-    extra = dict(act_order=True) if act_order else {}
-    label = f"W4A16 g{group} asym, {method}" + (" act_order" if act_order else "")
+    extra = dict(act_order=act_order) if method == "GPTQ" else {}
+    label = f"W4A16 g{group} asym, {method}" + ({True: " act_order", False: " (act_order = false)"}[act_order]
+                                                if method == "GPTQ" else "")
     return label, recipe("W4A16", *weight_calib(method), group_size=group, w_sym=False, w_method=method, **extra)
 
 
 def wq(scheme: str, method: str) -> tuple[str, str]:
-    return f"{scheme}, {method}", recipe(scheme, *weight_calib(method), w_method=method)
+    extra = dict(act_order=False) if method == "GPTQ" else {}   # as measured, before act_order became the default
+    return (f"{scheme}, {method}" + (" (act_order = false)" if extra else ""),
+            recipe(scheme, *weight_calib(method), w_method=method, **extra))
 
 
 def weight_calib(method: str) -> tuple[tuple[int, int], str]:
@@ -103,7 +106,7 @@ def sparse(smooth: str, method: str = "MinMax", sigma: bool = False) -> tuple[st
     # Its GPTQ rows keep the static calibration (32 × 256 built-in), not the plays of the W4A16 rows.
     words = "GPTQ on the static calibration" if method == "GPTQ" else method
     return (label.replace("W8A8 static", f"W8A8S ({outliers} outliers, {words})"),
-            text.replace('w_method = "MinMax"', f'w_method = "{method}"'))
+            text.replace('w_method = "MinMax"', f'w_method = "{method}"' + ("\nact_order = false" if method == "GPTQ" else "")))
 
 
 # (name, tables it appears in, (label, recipe)), in run order: the most informative first.
@@ -131,10 +134,12 @@ CONFIGS = [
                            static(1, "m4a")[1].replace('scheme = "W8A8"', 'scheme = "W8A8_MIX"'))),
     ("w8a8-am1-m4a-l8-plays", "A", static_plays(1, 8)),
     ("w8a8-am3-m4a-l8-plays", "A", static_plays(3, 8)),
+    ("w8a8-am1-m4a-l16-plays", "A", static_plays(1, 16)),
     ("w8a8-am2-none", "A", static(2, "none")),
     ("w8a8-am2-m1", "A", static(2, "m1")),
     ("w8a8-am2-m4", "A", static(2, "m4")),
     ("w8a8-am2-m4a", "A", static(2, "m4a")),
+    ("w8a8-am2-m6a", "A", static(2, "m6a")),
     # Group 128 does not divide SmolLM2's hidden size 576 (streamq refuses it, naming the linear);
     # 192 is the nearest group that divides both 576 and 1536 and is a multiple of 32.
     ("w4a16-g192-minmax", "B", w4(192, "MinMax")),
@@ -145,6 +150,7 @@ CONFIGS = [
     ("w8a8-am3-m1", "A", static(3, "m1")),
     ("w8a8-am3-m4", "A", static(3, "m4")),
     ("w8a8-am3-m4a", "A", static(3, "m4a")),
+    ("w8a8-am3-m6a", "A", static(3, "m6a")),
     ("w8a8s-am1-none", "A", sparse("none")),
     ("w8a8s-am1-m4a", "A", sparse("m4a")),
     ("w8a8s-am1-m4a-sigma", "A", sparse("m4a", sigma=True)),

@@ -90,7 +90,7 @@ def test_all_float_output_has_no_divergence(ds):
 
 def test_w4a8_output_is_plausible(ds):
     r = ds.clean
-    assert set(r) == {"tokens", "ppl_reference", "ppl_quantized", "kl_mean", "kl_max", "top1_agreement", "layers"}
+    assert set(r) == {"tokens", "phase", "ppl_reference", "ppl_quantized", "kl_mean", "kl_max", "top1_agreement", "layers"}
     assert r["tokens"] == SAMPLES * (SEQ_LEN - 1)
     assert 0 < r["kl_mean"] < 0.2 and math.isfinite(r["kl_max"])
     assert r["ppl_quantized"] == pytest.approx(r["ppl_reference"], rel=0.1)

@@ -317,3 +317,19 @@ def test_ssz_not_worse_than_minmax_per_row():
     assert not e[7].item()
     # A fine brute-force scale search does at most a little better on any row.
     assert (e <= 1.02 * ssz_reference(W, qmin, qmax) + 1e-12).all()
+
+
+def test_w4a16_hqq_keeps_the_min_max_scale_and_refines_the_zero():
+    """HQQ as the W4A16 method: the grid's step stays min-max's (refitting it clipped the weights that
+    massive-activation inputs read), only the real-valued zero point moves, and no group gets worse."""
+    W, G = heavy_tailed_w(n=32, k=128, seed=24), 32
+    args = QuantArgs("W4A16", group_size=G, w_sym=False, w_method="hqq")
+    r = SCHEMES["W4A16"].quantize("x.up_proj", W, None, args, torch.float32, None, None)
+    s, z = r.tensors["weight_scale"], r.tensors["weight_offset"]
+    s_mm, z_mm = minmax_affine_groups(W, G, -8, 7)
+    assert torch.equal(s, s_mm) and not torch.equal(z, z_mm)
+    from streamq.kernels.pack import unpack_int4
+    W_hat = dequantize_groups(unpack_int4(r.tensors["weight"]), s, z, G)
+    W_mm = dequantize_groups(quantize_groups(W, s_mm, z_mm, G, -8, 7), s_mm, z_mm, G)
+    assert (group_err(W, W_hat, G) <= group_err(W, W_mm, G)).all()
+    assert (W - W_hat).norm() < (W - W_mm).norm()
