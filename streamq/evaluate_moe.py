@@ -26,19 +26,11 @@ from .checkpoint import CheckpointReader
 from .errors import StreamqError
 from .evaluate import QuantLinear
 from .moe import base_names, expert_chunks
+from .moe_float import Side, add_expert, base_pass, expert_sources, routed
 from .plan import DESCRIPTION_NAME, model_dtype
 
 log = logging.getLogger(__name__)
 F32 = torch.float32
-
-
-@dataclass
-class Side:
-    """One model's state inside a layer, after its base pass."""
-    out: torch.Tensor            # h1 + shared expert (MoE) or the whole layer output (dense), [S, L, h]
-    x: torch.Tensor | None       # the routed experts' input (post-attention norm), [S·L, h]
-    idx: torch.Tensor | None     # chosen experts per token, [S·L, k]
-    w: torch.Tensor | None       # their routing weights, [S·L, k]
 
 
 class OutputModules:
@@ -116,74 +108,32 @@ def _expert_bytes(st: Streams, step, sources: list[str]) -> int:
     return src + sum(math.prod(info(n).shape) * info(n).dtype.itemsize for n in st.outputs.names_for(sources))
 
 
-def _base_pass(st: Streams, base: nn.Module, H: torch.Tensor, rotary, moe: bool) -> Side:
-    S, L, h = H.shape
-    out = torch.empty(S, L, h)
-    x = torch.empty(S, L, h) if moe else None
-    idx, w = [], []
-    arch = st.arch
-    with torch.no_grad():
-        for i in range(0, S, st.batch):
-            h1 = arch.attn_block(base, H[i:i + st.batch].to(st.device, F32), rotary)
-            xb = arch.mlp_input(base, h1)
-            if moe:
-                ib, wb = arch.route(base, xb)
-                idx.append(ib.cpu())
-                w.append(wb.cpu())
-                out[i:i + st.batch] = (h1 + arch.shared(base, xb)).float().cpu()
-                x[i:i + st.batch] = xb.float().cpu()
-            else:
-                out[i:i + st.batch] = (h1 + arch.dense_mlp(base, xb)).float().cpu()
-    if not moe:
-        return Side(out, None, None, None)
-    return Side(out, x.view(S * L, h), torch.cat(idx), torch.cat(w))
-
-
 def _base_passes(st: Streams, step, H_r: torch.Tensor, H_q: torch.Tensor, rotary) -> tuple[Side, Side]:
     """The reference base, then the quantized one: one layer base resident at a time."""
     names, moe, prefix = base_names(step), st.arch.is_moe(step.index), f"model.layers.{step.index}"
     base = st.arch.build_base(step, st.ref.load_float(names, st.dt), st.device, F32)
-    R = _base_pass(st, base, H_r, rotary, moe)
+    R = base_pass(st.arch, base, lambda i, j: H_r[i:j].to(st.device, F32), H_r.shape, rotary, st.batch, moe)
     del base
     make = lambda t: st.arch.build_base(step, t, st.device, F32)  # noqa: E731
     base = st.outputs.build(names, step.shapes, st.outputs.load(names), make, prefix, st.device)
-    return R, _base_pass(st, base, H_q, rotary, moe)
-
-
-def _add_expert(st: Streams, side: Side, expert: nn.Module, e: int, tokens_per_batch: int) -> None:
-    """side.out += w · expert(x) for the tokens this side routed to e; fp32 accumulation in
-    expert order, so chunking does not change the sum."""
-    token, weight = st.arch.tokens_for(side.idx, side.w, e)
-    flat = side.out.view(-1, side.out.shape[-1])
-    with torch.no_grad():
-        for a in range(0, token.numel(), tokens_per_batch):
-            t, wt = token[a:a + tokens_per_batch], weight[a:a + tokens_per_batch]
-            y = expert(side.x[t].to(st.device, F32)).float().cpu()
-            flat.index_add_(0, t, y * wt[:, None])
-
-
-def _routed(side: Side, e: int) -> bool:
-    return bool((side.idx == e).any())
+    return R, base_pass(st.arch, base, lambda i, j: H_q[i:j].to(st.device, F32), H_q.shape, rotary, st.batch, moe)
 
 
 def _experts_phase(st: Streams, step, R: Side, Q: Side, seq_len: int) -> None:
     arch, i = st.arch, step.index
     E = arch.config.n_routed_experts
-    sources: dict[int, list[str]] = {e: [] for e in range(E)}
-    for n in step.shapes:
-        if ".mlp.experts." in n:
-            sources[int(n.split(".mlp.experts.", 1)[1].split(".", 1)[0])].append(n)
+    sources = expert_sources(step, E)
     tokens_per_batch = st.batch * seq_len
     for chunk in expert_chunks(E, _expert_bytes(st, step, sources[0]), st.budget_gb):
         names = [n for e in chunk for n in sources[e]]
         raw, stored = st.ref.load_float(names, st.dt), st.outputs.load(names)
         for e in chunk:
-            if _routed(R, e):
-                _add_expert(st, R, arch.build_expert(i, e, raw, st.device, F32), e, tokens_per_batch)
-            if _routed(Q, e):
+            if routed(R, e):
+                add_expert(arch, R, arch.build_expert(i, e, raw, st.device, F32), e, tokens_per_batch, st.device, F32)
+            if routed(Q, e):
                 make = lambda t, e=e: arch.build_expert(i, e, t, st.device, F32)  # noqa: E731
                 expert = st.outputs.build(sources[e], step.shapes, stored, make, arch.expert_prefix(i, e), st.device)
-                _add_expert(st, Q, expert, e, tokens_per_batch)
+                add_expert(arch, Q, expert, e, tokens_per_batch, st.device, F32)
         del raw, stored
 
 

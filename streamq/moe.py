@@ -18,58 +18,27 @@ maxima, and each expert's gate/up columns are rescaled as it is loaded for the e
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from . import faults
 from .arch.base import Step
 from .layerquant import (needs_hessian, needs_statistics, observe_inputs, plan_passes, quantize_linears,
                          rel_error, static_inputs)
+from .moe_float import EXPERT_TAG, base_pass
+from .moe_float import Side as BasePass
 from .smooth_mla import Smoothed, scale_routed_expert
 from .smoothing import refreshed_modules, smooth_deepseek
 from .steps import Context, load_float, prefetch_float, read_float, write_outputs
-
-EXPERT_TAG = ".mlp.experts."
-
-
-@dataclass
-class BasePass:
-    out: torch.Tensor            # h1 + shared (MoE) or the whole layer output (dense), fp32 [S, L, h]
-    x: torch.Tensor | None       # MoE input (post-attention norm), [S·L, h]
-    idx: torch.Tensor | None     # routing: expert ids [S·L, k]
-    w: torch.Tensor | None       # routing weights [S·L, k]
 
 
 def _is_expert(name: str) -> bool:
     return EXPERT_TAG in name
 
 
-def _run_base(ctx: Context, base, inputs, n_tokens_shape, moe: bool, S: int) -> BasePass:
+def _run_base(ctx: Context, base, inputs, shape, moe: bool, S: int) -> BasePass:
     """One pass of the base over calibration rows 0:S in batches; `inputs(i, j)` gives rows i:j."""
-    arch = ctx.arch
-    _, L, h = n_tokens_shape
-    rotary = ctx.rotary_for(L)
-    out = torch.empty(S, L, h)
-    x = torch.empty(S, L, h) if moe else None
-    idx, w = [], []
-    with torch.no_grad():
-        for i in range(0, S, ctx.recipe.run.batch_size):
-            j = min(i + ctx.recipe.run.batch_size, S)
-            hb = inputs(i, j)
-            h1 = arch.attn_block(base, hb, rotary)
-            xb = arch.mlp_input(base, h1)
-            if moe:
-                ib, wb = arch.route(base, xb)
-                idx.append(ib.cpu())
-                w.append(wb.cpu())
-                out[i:j] = (h1 + arch.shared(base, xb)).float().cpu()
-                x[i:j] = xb.float().cpu()
-            else:
-                out[i:j] = (h1 + arch.dense_mlp(base, xb)).float().cpu()
-    if not moe:
-        return BasePass(out, None, None, None)
-    return BasePass(out, x.view(S * L, h), torch.cat(idx), torch.cat(w))
+    _, L, h = shape
+    return base_pass(ctx.arch, base, inputs, (S, L, h), ctx.rotary_for(L), ctx.recipe.run.batch_size, moe)
 
 
 def _expert_chunks(ctx: Context, step: Step) -> list[list[int]]:

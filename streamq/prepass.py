@@ -8,6 +8,9 @@ running sums per input (constant memory). Linears that read one input (q/k/v, ga
 ratio, and are also the fused modules whose shards must share one type (FORMAT.md §2): the choice
 is therefore made in whole input groups, and may exceed n to complete the last group.
 
+DeepSeek-V3/R1 layers run as the quantization run runs them (prepass_moe.py): one layer base
+resident, the routed experts a chunk at a time. Routed experts are never chosen (candidates).
+
 The choice enters the plan as extra disable_names, and the run state records it: a resumed run
 (or a rerun of a finished one) adopts the recorded choice instead of repeating the pass, so a
 resumption never depends on the pass giving bit-identical ratios twice.
@@ -18,6 +21,7 @@ import dataclasses
 import json
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +30,6 @@ import torch
 from .arch.base import Step
 from .arch.llama import DenseArch
 from .checkpoint import CheckpointReader
-from .errors import StreamqError
 from .layerquant import run_batches
 from .outdir import REPORT, WORK
 from .plan import ROUTED_EXPERT, Plan
@@ -62,13 +65,14 @@ class OutlierRatio:
 class Pass:
     """What the pre-pass needs, and the observers it fills: input id → (its linears, ratio)."""
     reader: CheckpointReader
-    arch: DenseArch
+    arch: object
     ids: torch.Tensor
     candidates: set[str]
     device: torch.device
     cdt: torch.dtype
     batch: int
     dt: torch.dtype
+    budget_gb: float             # routed experts read per chunk (the run's expert_budget_gb)
     inputs: dict[str, tuple[list[str], OutlierRatio]] = dataclasses.field(default_factory=dict)
 
     def watch(self, step: Step) -> dict[str, OutlierRatio]:
@@ -85,6 +89,18 @@ class Pass:
         return first
 
 
+@contextmanager
+def observed(module: torch.nn.Module, prefix: str, watched: dict[str, OutlierRatio]):
+    """While inside, each watched linear (named `prefix.<submodule>`) feeds its input to its observer."""
+    hooks = [module.get_submodule(name[len(prefix) + 1:]).register_forward_pre_hook(
+        lambda m, a, o=obs: o.update(a[0])) for name, obs in watched.items()]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def _embed(p: Pass, step: Step, H):
     W = p.reader.load_float(["model.embed_tokens.weight"], p.dt)["model.embed_tokens.weight"]
     return W[p.ids].float()
@@ -93,15 +109,8 @@ def _embed(p: Pass, step: Step, H):
 def _layer(p: Pass, step: Step, H):
     layer = p.arch.build_layer(step, p.reader.load_float(list(step.shapes), p.dt), p.device, p.cdt)
     rotary = p.arch.rotary(H.shape[1], p.device, p.cdt)
-    prefix = f"model.layers.{step.index}."
-    hooks = [layer.get_submodule(name[len(prefix):]).register_forward_pre_hook(lambda m, a, o=obs: o.update(a[0]))
-             for name, obs in p.watch(step).items()]
-    try:
-        with torch.no_grad():
-            run_batches(lambda x: p.arch.layer_forward(layer, x, rotary), H, p.batch, p.device, p.cdt, H)
-    finally:
-        for h in hooks:
-            h.remove()
+    with observed(layer, f"model.layers.{step.index}", p.watch(step)), torch.no_grad():
+        run_batches(lambda x: p.arch.layer_forward(layer, x, rotary), H, p.batch, p.device, p.cdt, H)
     return H
 
 
@@ -127,13 +136,13 @@ def candidates(plan: Plan) -> set[str]:
 def input_ratios(recipe: Recipe, reader: CheckpointReader, arch, plan: Plan, ids: torch.Tensor, device,
                  cdt: torch.dtype) -> list[tuple[float, list[str]]]:
     """The float pre-pass: (ratio, linears reading the input) for every input of a candidate."""
-    if not isinstance(arch, DenseArch):
-        raise StreamqError("disable_level is implemented for dense models (Llama, Qwen2, Qwen3), not DeepSeek",
-                           "remove quant.disable_level, or list the linears to keep FLOAT in disable_names")
-    p = Pass(reader, arch, ids, candidates(plan), device, cdt, recipe.run.batch_size, plan.model_dtype)
+    p = Pass(reader, arch, ids, candidates(plan), device, cdt, recipe.run.batch_size, plan.model_dtype,
+             recipe.run.expert_budget_gb)
+    from .prepass_moe import MOE_PASSES   # here: that module builds on this one
+    passes = PASSES if isinstance(arch, DenseArch) else MOE_PASSES
     H = None
     for step in plan.steps:
-        H = PASSES[step.kind](p, step, H)
+        H = passes[step.kind](p, step, H)
     return [(obs.ratio(), names) for names, obs in p.inputs.values()]
 
 

@@ -1,16 +1,18 @@
 """disable_level: the recipe word, the streamed outlier ratio, the choice in whole fused groups, the
 float pre-pass against transformers, and a run that keeps the chosen linears FLOAT and resumes
-with the recorded choice."""
+with the recorded choice; for dense models, then for DeepSeek-V3/R1 (MTP layer included)."""
 import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RMSNorm
 
 from streamq import cli, prepass
 from streamq.calibration import token_ids
+from streamq.checkpoint import CheckpointReader
 from streamq.errors import StreamqError
 from streamq.pipeline import prepare
 from streamq.recipe import QuantArgs, parse_recipe
@@ -130,14 +132,6 @@ def test_prepass_ratios_match_transformers(model):
     assert sorted(n for _, names in got for n in names) == sorted(expect)
 
 
-def test_deepseek_refuses(tmp_path):
-    src = write_deepseek_v3(tmp_path / "ds", layers=2, experts=4, hidden=64, moe_intermediate=64)
-    rec = write_recipe(tmp_path / "r.toml", SMALL_CAL + '[quant]\nscheme = "W8A8_DYNAMIC"\ndisable_level = "L2"\n')
-    proc = run_cli("run", rec, "--model", src, "--output", tmp_path / "out")
-    assert proc.returncode == 2
-    assert "disable_level is implemented for dense models" in proc.stderr and "disable_names" in proc.stderr
-
-
 # ---- a run ----------------------------------------------------------------------------------------
 
 LEVEL_RECIPE = SMALL_CAL + '[quant]\nscheme = "W8A8"\ndisable_level = "L2"\n'
@@ -194,3 +188,167 @@ def test_changed_level_refuses_to_resume(tmp_path, model):
     other = write_recipe(tmp_path / "o.toml", LEVEL_RECIPE.replace('"L2"', '"L3"'))
     proc = run_cli("run", other, "--model", model, "--output", out)
     assert proc.returncode == 2 and "quant.disable_level" in proc.stderr
+
+
+# ---- DeepSeek-V3/R1 -------------------------------------------------------------------------------
+
+DS_LAYERS, DS_EXPERTS = 2, 4
+MTP = f"model.layers.{DS_LAYERS}"
+EXPERT = ".mlp.experts."
+
+
+def ds_recipe(level: str) -> str:
+    # 0.00005 GB holds two of these 64×64 experts: each MoE layer streams its experts in two chunks.
+    return SMALL_CAL + ('expert_budget_gb = 0.00005\n[quant]\nscheme = "W8A8_DYNAMIC"\n'
+                        f'disable_last_linear = false\ndisable_level = "{level}"\n')
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    """FP8 with block scales, a dense first layer, a MoE layer and the MTP layer."""
+    return write_deepseek_v3(tmp_path_factory.mktemp("dl-ds") / "ds", layers=DS_LAYERS, first_k_dense=1,
+                             experts=DS_EXPERTS, hidden=64, moe_intermediate=64, vocab=128, fp8=True, mtp=True)
+
+
+def hf_layer_state(src: dict, prefix: str, moe: bool) -> dict:
+    """A decoder layer's tensors under transformers' names, without the prefix; experts fused."""
+    state = {n[len(prefix) + 1:]: t for n, t in src.items() if n.startswith(prefix + ".") and EXPERT not in n}
+    if moe:
+        e = [f"{prefix}.mlp.experts.{x}" for x in range(DS_EXPERTS)]
+        state["mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([src[f"{x}.gate_proj.weight"], src[f"{x}.up_proj.weight"]]) for x in e])
+        state["mlp.experts.down_proj"] = torch.stack([src[f"{x}.down_proj.weight"] for x in e])
+    return state
+
+
+def record(modules: dict[str, torch.nn.Module], seen: dict) -> list:
+    """Hooks keeping every input of every nn.Linear under `modules` (name prefix → module)."""
+    return [m.register_forward_pre_hook(lambda m, a, n=f"{prefix}{name}": seen.setdefault(n, []).append(a[0]))
+            for prefix, module in modules.items() for name, m in module.named_modules()
+            if isinstance(m, torch.nn.Linear)]
+
+
+def ds_reference_inputs(model_dir: Path) -> dict[str, list[torch.Tensor]]:
+    """Every nn.Linear's inputs over the calibration ids (routed experts are fused tensors there,
+    not linears): transformers' main model in fp32 from the FP8 weights dequantized to bf16, then
+    the MTP layer as a transformers decoder layer fed eh_proj(enorm(embedding of token t+1),
+    hnorm(final-normed state at t)), and its shared head. The MTP layer has its own embedding."""
+    config = DeepseekV3Config.from_pretrained(model_dir)
+    config._attn_implementation = "eager"
+    reader = CheckpointReader(model_dir)
+    src = {n: t.float() for n, t in reader.load_float(
+        [n for n in reader.tensors if not n.endswith("_scale_inv")], torch.bfloat16).items()}
+    hf = DeepseekV3ForCausalLM(config).float().eval()
+    state = {n: t for n, t in src.items() if not n.startswith("model.layers.")}
+    for i in range(DS_LAYERS):
+        state |= {f"model.layers.{i}.{n}": t for n, t in hf_layer_state(src, f"model.layers.{i}", i > 0).items()}
+    hf.load_state_dict(state, strict=True)
+    mtp = torch.nn.Module()
+    mtp.layer = DeepseekV3DecoderLayer(config, DS_LAYERS)
+    mtp.eh_proj = torch.nn.Linear(128, 64, bias=False)
+    mtp.head = torch.nn.Linear(64, 128, bias=False)
+    for k in ("enorm", "hnorm", "norm"):
+        setattr(mtp, k, DeepseekV3RMSNorm(64, config.rms_norm_eps))
+    own = hf_layer_state(src, MTP, True)
+    mtp.load_state_dict({**{f"layer.{n}": t for n, t in own.items() if n.split(".")[0] in
+                            ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")},
+                         "eh_proj.weight": own["eh_proj.weight"], "head.weight": own["shared_head.head.weight"],
+                         "norm.weight": own["shared_head.norm.weight"], "enorm.weight": own["enorm.weight"],
+                         "hnorm.weight": own["hnorm.weight"]}, strict=True)
+
+    seen: dict[str, list] = {}
+    hooks = record({"": hf, f"{MTP}.": mtp.layer, f"{MTP}.eh_proj": mtp.eh_proj,
+                    f"{MTP}.shared_head.head": mtp.head}, seen)
+    ids = token_ids([], None, 128, SAMPLES, SEQ, 0)
+    L = SEQ - 1
+    with torch.no_grad():
+        h = hf.model(ids).last_hidden_state                                     # final-normed
+        hf.lm_head(h)                                                           # as the CausalLM does
+        x = mtp.eh_proj(torch.cat([mtp.enorm(own["embed_tokens.weight"][ids[:, 1:]]), mtp.hnorm(h[:, :-1])], -1))
+        causal = torch.full((L, L), float("-inf")).triu(1)[None, None]
+        y = mtp.layer(x, attention_mask=causal, position_embeddings=hf.model.rotary_emb(x, torch.arange(L)[None]))
+        mtp.head(mtp.norm(y))
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def ratio_of(xs: list[torch.Tensor]) -> float:
+    t = torch.cat([x.flatten() for x in xs]).double()
+    return t.abs().max().item() / t.std(unbiased=False).item()
+
+
+def ds_reference(model_dir: Path) -> list[tuple[float, list[str]]]:
+    """(ratio, linears) per input, linears grouped by the very tensor they read in the reference."""
+    by_tensor: dict[int, list[str]] = {}
+    seen = ds_reference_inputs(model_dir)
+    for name, xs in seen.items():
+        assert len(xs) == 1                          # one forward: one input tensor per linear
+        by_tensor.setdefault(xs[0].data_ptr(), []).append(name)
+    return [(ratio_of(seen[names[0]]), sorted(names)) for names in by_tensor.values()]
+
+
+@pytest.fixture(scope="module")
+def ds_expect(ds):
+    return ds_reference(ds)
+
+
+def test_deepseek_prepass_ratios_match_transformers(ds, ds_expect):
+    r = parse_recipe(ds_recipe(""), Path("r.toml"))
+    p = prepare(r, ds)
+    got = prepass.input_ratios(r, p.reader, p.arch, p.plan, p.ids, torch.device("cpu"), torch.float32)
+    # the same inputs, each read by the same (fused) linears: every candidate, no routed expert
+    assert sorted(sorted(names) for _, names in got) == sorted(names for _, names in ds_expect)
+    groups = {tuple(sorted(names)) for _, names in got}
+    assert ("model.layers.1.self_attn.kv_a_proj_with_mqa", "model.layers.1.self_attn.q_a_proj") in groups
+    assert {f"{MTP}.eh_proj", f"{MTP}.shared_head.head", f"{MTP}.mlp.shared_experts.down_proj"} <= \
+        {n for _, names in got for n in names}
+    expect = {n: ratio for ratio, names in ds_expect for n in names}
+    for ratio, names in got:
+        for n in names:
+            assert ratio == pytest.approx(expect[n], rel=1e-4), n
+
+
+def test_deepseek_routed_experts_are_never_chosen(ds):
+    p = prepare(parse_recipe(ds_recipe("L1000"), Path("r.toml")), ds)
+    chosen = p.state["disable_level"]["linears"]
+    assert not [n for n in chosen if EXPERT in n]
+    # every other linear is kept FLOAT
+    assert chosen.keys() == {n for n, a in p.plan.args.items() if a.scheme == "FLOAT" and EXPERT not in n}
+    experts = [a.scheme for n, a in p.plan.args.items() if EXPERT in n]
+    assert len(experts) == 2 * DS_EXPERTS * 3 and set(experts) == {"W8A8_DYNAMIC"}
+
+
+def test_deepseek_run_keeps_the_chosen_linears_float(tmp_path, ds, ds_expect):
+    rec = write_recipe(tmp_path / "r.toml", ds_recipe("L2"))
+    out = tmp_path / "out"
+    assert cli.main(["run", str(rec), "--model", str(ds), "--output", str(out)]) == 0
+    assert cli.main(["verify", str(out)]) == 0
+    desc = json.loads((out / "quant_model_description.json").read_text())
+    chosen = json.loads((out / "streamq_report.json").read_text())["disabled_by_level"]
+    want = prepass.choose(ds_expect, 2)
+    assert set(chosen) == set(want) and len(chosen) >= 2
+    for name, ratio in chosen.items():
+        assert ratio == pytest.approx(want[name], rel=1e-4)
+        assert desc[f"{name}.weight"] == "FLOAT" and f"{name}.weight_scale" not in desc
+    expect = {n: ratio for ratio, names in ds_expect for n in names}
+    quantized = {k[:-len(".weight")] for k, v in desc.items() if v == "W8A8_DYNAMIC" and k.endswith(".weight")}
+    assert quantized == (set(expect) - set(chosen)) | {k[:-len(".weight")] for k in desc if EXPERT in k
+                                                        and k.endswith(".weight")}
+
+
+def test_deepseek_resume_adopts_the_recorded_choice(tmp_path, ds, ds_expect, monkeypatch):
+    rec = write_recipe(tmp_path / "r.toml", ds_recipe("L2"))
+    out = tmp_path / "out"
+    killed = run_cli("run", rec, "--model", ds, "--output", out, env={"STREAMQ_KILL_AT": "acts-saved:2"})
+    assert killed.returncode == -9
+
+    def no_prepass(*args, **kwargs):
+        raise AssertionError("the pre-pass ran again")
+    monkeypatch.setattr(prepass, "input_ratios", no_prepass)
+    assert cli.main(["run", str(rec), "--model", str(ds), "--output", str(out)]) == 0
+    assert cli.main(["verify", str(out)]) == 0
+    # the choice the killed run recorded (byte-identical resumption is the dense test's and the
+    # DeepSeek pipeline tests' subject)
+    chosen = json.loads((out / "streamq_report.json").read_text())["disabled_by_level"]
+    assert set(chosen) == set(prepass.choose(ds_expect, 2))
