@@ -79,3 +79,19 @@ def test_write_behind_is_a_run_key_and_zero_is_allowed():
     assert (a.run.write_behind_gb, b.run.write_behind_gb) == (0.0, 2.5)
     assert parse_recipe("", P).run.write_behind_gb == 0.5
     assert a.semantic_hash() == b.semantic_hash()
+
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES_DIR.glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_parses(path):
+    from streamq.recipe import load_recipe
+    assert load_recipe(path).default.scheme
+
+
+def test_shipped_static_recipe_is_the_measured_configuration():
+    from streamq.recipe import load_recipe
+    r = load_recipe(RECIPES_DIR / "w8a8_static.toml")
+    assert (r.default.scheme, r.default.w_method, r.default.act_order) == ("W8A8", "gptq", True)
+    assert (r.anti_method, r.alpha, r.anti_symmetric, r.act_method, r.disable_level) == ("m4", 0.9, False, 1, 8)
