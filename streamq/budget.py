@@ -63,6 +63,7 @@ class Knobs:
     read_ahead: bool
     write_behind: int        # bytes
     expert_budget: int       # bytes of compute-dtype expert weights per chunk
+    smooth_experts: bool = False   # DeepSeek smoothing of the MoE input reads the experts' gate/up first
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,22 @@ def _step_moments(plan: Plan, reader, arch, i: int, k: Knobs) -> list:
     # moe._mtp_sources reads the main embedding and makes it fp32.
     extra = _loaded(reader, ["model.embed_tokens.weight"], k) * (1 + 4 // k.dt.itemsize) if kind == "mtp" else 0
     moments = _layer(plan, reader, step, _base(step), k, HIDDEN_COPIES[kind], nxt, extra)
+    if moe(step.index) and k.smooth_experts:
+        moments.append(_smoothing_read(reader, arch, step, k, nxt))
     return moments + (_experts(plan, reader, arch, step, k, nxt) if moe(step.index) else [])
+
+
+def _smoothing_read(reader, arch, step: Step, k: Knobs, nxt: list[str]) -> tuple[str, dict]:
+    """moe._routed_wmax: before the base is quantized, the routed experts' gate/up are read a chunk
+    at a time (chunks as moe._expert_chunks) for their column maxima, beside the base."""
+    E, prefix = arch.config.n_routed_experts, arch.expert_prefix(step.index, 0) + "."
+    own = [n for n in step.shapes if n.startswith(prefix)]
+    chunk = min(E, max(1, k.expert_budget // (sum(_numel(reader, n) for n in own) * k.cdt.itemsize)))
+    gate_up = [f"{arch.expert_prefix(step.index, e)}.{p}.weight" for e in range(chunk) for p in ("gate_proj", "up_proj")]
+    held = {"weights": _loaded(reader, _base(step), k), "hidden": HIDDEN_COPIES["moe_base"] * k.hidden_bytes,
+            "read_ahead": _loaded(reader, nxt, k) if k.read_ahead else 0,
+            "smoothing_read": _read_peak(reader, gate_up, k)}
+    return (step.key + " smoothing read", held)
 
 
 def knobs(recipe: Recipe, plan: Plan, hidden: int, on_host: bool) -> Knobs:
@@ -215,7 +231,8 @@ def knobs(recipe: Recipe, plan: Plan, hidden: int, on_host: bool) -> Knobs:
     return Knobs(dt=plan.model_dtype, cdt=cdt, on_host=on_host, hidden=hidden,
                  hidden_bytes=cal.samples * cal.seq_len * hidden * 4,
                  batch_tokens=min(run.batch_size, cal.samples) * cal.seq_len, read_ahead=run.read_ahead,
-                 write_behind=int(run.write_behind_gb * 1e9), expert_budget=int(run.expert_budget_gb * 1e9))
+                 write_behind=int(run.write_behind_gb * 1e9), expert_budget=int(run.expert_budget_gb * 1e9),
+                 smooth_experts=bool(recipe.anti_method) and "norm-linear" in recipe.enable_subgraph_type)
 
 
 def moments(recipe: Recipe, plan: Plan, reader, arch, on_host: bool) -> list[tuple[str, dict]]:

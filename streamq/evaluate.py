@@ -161,6 +161,9 @@ def evaluate(reference: Path, quantized: Path, text: Path | None = None, samples
     ref = CheckpointReader(reference)
     out = CheckpointReader(quantized, index_name=INDEX_NAME, shard_prefix="quant_model_weights")
     desc = json.loads((Path(quantized) / DESCRIPTION_NAME).read_text())
+    if phase != "prefill" and "W8A8_MIX" not in desc.values():
+        raise StreamqError(f"{quantized}: eval --phase {phase} selects the W8A8_MIX path, and no linear of "
+                           "this output is W8A8_MIX", "leave --phase out")
     config = AutoConfig.from_pretrained(reference, local_files_only=True)
     arch = arch_for(config, ref)
     if calibration.has_tokenizer(Path(reference)):
@@ -174,7 +177,7 @@ def evaluate(reference: Path, quantized: Path, text: Path | None = None, samples
     if isinstance(arch, DenseArch):
         layer_err = _dense_layers(arch, steps, ref, out, desc, H_r, H_q, seq_len, batch, device, phase)
     else:  # DeepSeek: routed experts streamed in chunks (imported here: that module imports this one)
-        if phase != "prefill" and "W8A8_MIX" in desc.values():
+        if phase != "prefill":
             raise StreamqError("eval --phase decode is implemented for dense models", "use --phase prefill")
         from .evaluate_moe import moe_layers
         layer_err = moe_layers(arch, steps, ref, out, desc, H_r, H_q, seq_len, batch, device, expert_budget_gb)

@@ -101,8 +101,10 @@ def asym_shift(stats: ChannelStats) -> torch.Tensor:
 # ---- scales -----------------------------------------------------------------------------------
 
 def weight_absmax(weights: Sequence[torch.Tensor]) -> torch.Tensor:
-    """max|W| per input channel, over the output rows of all weights reading the same X."""
-    return torch.stack([W.detach().float().abs().amax(0) for W in weights]).amax(0)
+    """max|W| per input channel, over the output rows of all weights reading the same X, on the
+    first weight's device (a caller may add maxima read on the host, e.g. streamed experts')."""
+    device = weights[0].device
+    return torch.stack([W.detach().float().abs().amax(0).to(device) for W in weights]).amax(0)
 
 
 def power_scale(a: torch.Tensor, w: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:

@@ -111,3 +111,16 @@ def test_estimate_above_the_floor_matches_the_measured_run(tmp_path):
     measured, estimate, parts = _peak_and_estimate(tmp_path, wide, recipe)
     assert estimate - budget.FLOOR_BYTES > 300e6, parts
     assert 0.75 < (estimate - budget.FLOOR_BYTES) / (measured - tiny) < 1.3, parts
+
+
+def test_moe_input_smoothing_read_is_a_moment(tmp_path):
+    """DeepSeek smoothing reads the routed experts' gate/up a chunk at a time beside the base."""
+    model = write_deepseek_v3(tmp_path / "ds", layers=2, experts=8)
+    body = W8A8D.replace("[run]", "[run]\nexpert_budget_gb = 0.00005") + 'anti_method = "m4"\n'  # chunks of 2
+    found = _moments(tmp_path, model, body)
+    assert "layer.0 smoothing read" not in found                  # the dense layer reads no experts
+    gate_up = 2 * 2 * 64 * 32 * 2                                   # 2 experts × gate, up, bf16
+    m = found["layer.1 smoothing read"]
+    assert m["smoothing_read"] == 2 * gate_up + 64 * 32 * 2 and m["hidden"] == 5 * HIDDEN
+    only_ov = body.replace('anti_method = "m4"\n', 'anti_method = "m4"\nenable_subgraph_type = ["ov"]\n')
+    assert "layer.1 smoothing read" not in _moments(tmp_path, model, only_ov)

@@ -115,3 +115,10 @@ def test_eval_refuses_an_unknown_phase(runs):
     _, model, out, _ = runs
     with pytest.raises(StreamqError, match="phase 'both'"):
         evaluate(model, out, samples=4, seq_len=32, batch=2, phase="both")
+
+
+def test_decode_phase_needs_a_pdmix_output(runs):
+    from streamq.errors import StreamqError
+    _, model, out, _ = runs
+    with pytest.raises(StreamqError, match="no linear of this output is W8A8_MIX"):
+        evaluate(model, out, samples=4, seq_len=32, batch=2, phase="decode")

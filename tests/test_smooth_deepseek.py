@@ -352,3 +352,27 @@ def test_kill_and_resume_is_byte_identical(ds):
     assert p.returncode == -9, p.stderr[-2000:]
     assert streamq_main(args) == 0
     assert output_bytes(out) == output_bytes(ds.out)
+
+
+def test_weight_maxima_from_the_host_join_device_weights():
+    """Routed experts' column maxima are read on the host while the base sits on the device: the
+    maxima must meet on one device (meta stands in for an accelerator here)."""
+    from streamq.smooth import weight_absmax
+    m = weight_absmax([torch.ones(2, 3, device="meta"), torch.ones(1, 3)])
+    assert m.device.type == "meta" and m.shape == (3,)
+
+
+def test_routed_maxima_cover_every_chunk(monkeypatch):
+    """The MoE input's max|W| is taken over every routed expert, whichever chunk holds it."""
+    from streamq import moe
+    g = gen(5)
+    experts = {f"e{e}.{p}.weight": torch.randn(4, 6, generator=g) for e in range(5) for p in ("gate_proj", "up_proj")}
+    experts["e4.up_proj.weight"][2, 3] = 100.0            # the last expert of the last chunk
+    reads = []
+    monkeypatch.setattr(moe, "_expert_chunks", lambda ctx, step: [[0, 1], [2, 3], [4]])
+    monkeypatch.setattr(moe, "read_float", lambda ctx, names: reads.append(names) or {n: experts[n] for n in names})
+    ctx = SimpleNamespace(arch=SimpleNamespace(expert_prefix=lambda i, e: f"e{e}"))
+    wmax = moe._routed_wmax(ctx, SimpleNamespace(index=1))
+    assert len(reads) == 3 and sorted(n for r in reads for n in r) == sorted(experts)
+    assert torch.equal(wmax, torch.stack([W.abs().amax(0) for W in experts.values()]).amax(0))
+    assert wmax[3] == 100.0

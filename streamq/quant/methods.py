@@ -36,10 +36,12 @@ def _minmax_scales(W, G, qmin, qmax, sym, args):
 
 
 def _hqq_scales(W, G, qmin, qmax, sym, args):
-    # HQQ as published: a real-valued zero point refined with the min-max scale kept. Refitting the
-    # scale as well gives less ‖W − Ŵ‖² but shrinks the grid onto the bulk of each group, and the
-    # weights it then clips are the ones some inputs with massive activations read (SmolLM2 layer
-    # 11's down_proj: 3.6x the output error of min-max at group 192; perplexity +89.7% vs +71.9%).
+    # Asymmetric groups: HQQ as published, a real-valued zero point refined with the min-max scale
+    # kept. Refitting the scale as well gives less ‖W − Ŵ‖² but shrinks the grid onto the bulk of
+    # each group, and the weights it then clips are the ones some inputs with massive activations
+    # read (SmolLM2 layer 11's down_proj: 3.6x the output error of min-max at group 192; perplexity
+    # +89.7% vs +71.9%). Symmetric groups have no zero point: there HQQ refits the scale, its only
+    # freedom.
     _, s, z = hqq(W, G, qmin, qmax, optimize_scale=False, symmetric=sym, real_zero=True)
     return s, z
 
