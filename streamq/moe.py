@@ -24,7 +24,7 @@ from . import faults
 from .arch.base import Step
 from .layerquant import (needs_hessian, needs_statistics, observe_inputs, plan_passes, quantize_linears,
                          rel_error, static_inputs)
-from .moe_float import EXPERT_TAG, base_pass
+from .moe_float import EXPERT_TAG, add_expert, base_pass
 from .moe_float import Side as BasePass
 from .smooth_mla import Smoothed, scale_routed_expert
 from .smoothing import refreshed_modules, smooth_deepseek
@@ -55,18 +55,11 @@ def expert_chunks(n_experts: int, expert_bytes: int, budget_gb: float) -> list[l
     return [list(range(a, min(a + per, n_experts))) for a in range(0, n_experts, per)]
 
 
-def _add_expert(out: torch.Tensor | None, expert, p: BasePass, e: int, ctx: Context) -> int:
-    """out += w · expert(x) for the tokens routed to e (in token batches; out None: just run
-    them, for the observers); returns their count."""
-    token, weight = ctx.arch.tokens_for(p.idx, p.w, e)
-    step = ctx.recipe.run.batch_size * ctx.ids.shape[1]  # tokens per batch, as in the base pass
-    with torch.no_grad():
-        for a in range(0, token.numel(), step):
-            t, wt = token[a:a + step], weight[a:a + step]
-            y = expert(p.x[t].to(ctx.device, ctx.cdt)).float().cpu()
-            if out is not None:
-                out.view(-1, out.shape[-1]).index_add_(0, t, y * wt[:, None])
-    return int(token.numel())
+def _add_expert(expert, p: BasePass, e: int, ctx: Context, accumulate: bool = True) -> int:
+    """p.out += w · expert(x) for the tokens routed to e, in batches of the base pass's tokens
+    (accumulate=False: just run them, for the observers); returns their count."""
+    return add_expert(ctx.arch, p, expert, e, ctx.recipe.run.batch_size * ctx.ids.shape[1], ctx.device, ctx.cdt,
+                      accumulate)
 
 
 def _quantize_expert(ctx: Context, step: Step, expert, prefix: str, Q: BasePass, e: int) -> dict:
@@ -77,7 +70,7 @@ def _quantize_expert(ctx: Context, step: Step, expert, prefix: str, Q: BasePass,
     quantizable = [n for n, a in args.items() if a.scheme != "FLOAT"]
     with observe_inputs(expert, prefix, step.groups, quantizable if hessian else [], hessian) as obs:
         if hessian:
-            _add_expert(None, expert, Q, e, ctx)
+            _add_expert(expert, Q, e, ctx, accumulate=False)
     return quantize_linears(expert, prefix, args, step.groups, obs, ctx.plan.model_dtype)
 
 
@@ -103,9 +96,9 @@ def _experts_phase(ctx: Context, step: Step, F: BasePass, Q: BasePass, rows: int
                 scale_routed_expert(raw, prefix, routed)
             own = [n for n in names if n.startswith(prefix + ".")]
             expert = ctx.arch.build_expert(i, e, raw, ctx.device, ctx.cdt)
-            n_float = _add_expert(F.out, expert, F, e, ctx)
+            n_float = _add_expert(expert, F, e, ctx)
             quantized = _quantize_expert(ctx, step, expert, prefix, Q, e)
-            n_quant = _add_expert(Q.out, expert, Q, e, ctx)
+            n_quant = _add_expert(expert, Q, e, ctx)
             if (n_float if counted is F else n_quant) == 0:
                 unrouted.append(e)
             # Written (in plan order: expert by expert) and released at once, so the host holds

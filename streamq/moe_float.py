@@ -54,16 +54,20 @@ def routed(side: Side, e: int) -> bool:
     return bool((side.idx == e).any())
 
 
-def add_expert(arch, side: Side, expert: nn.Module, e: int, tokens_per_batch: int, device, dtype) -> None:
+def add_expert(arch, side: Side, expert: nn.Module, e: int, tokens_per_batch: int, device, dtype,
+               accumulate: bool = True) -> int:
     """side.out += w · expert(x) for the tokens this side routed to e; fp32 accumulation in
-    expert order, so chunking does not change the sum."""
+    expert order, so chunking does not change the sum. accumulate=False only runs the tokens
+    through the expert (for observers on it). Returns the number of tokens."""
     token, weight = arch.tokens_for(side.idx, side.w, e)
     flat = side.out.view(-1, side.out.shape[-1])
     with torch.no_grad():
         for a in range(0, token.numel(), tokens_per_batch):
             t, wt = token[a:a + tokens_per_batch], weight[a:a + tokens_per_batch]
             y = expert(side.x[t].to(device, dtype)).float().cpu()
-            flat.index_add_(0, t, y * wt[:, None])
+            if accumulate:
+                flat.index_add_(0, t, y * wt[:, None])
+    return int(token.numel())
 
 
 def expert_sources(step: Step, n_experts: int) -> dict[int, list[str]]:
