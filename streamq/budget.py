@@ -159,17 +159,23 @@ def _layer(plan, reader, step: Step, names: list[str], k: Knobs, copies: int, nx
     return _unit(plan, reader, step, names, k, step.key, held, reading)
 
 
+def _chunking(reader, arch, step: Step, k: Knobs) -> tuple[int, list[str], int]:
+    """(experts, expert 0's tensors, experts per chunk) as moe._expert_chunks: as many experts as
+    expert_budget_gb holds in the compute dtype."""
+    E, prefix = arch.config.n_routed_experts, arch.expert_prefix(step.index, 0) + "."
+    own = [n for n in step.shapes if n.startswith(prefix)]
+    return E, own, min(E, max(1, k.expert_budget // (sum(_numel(reader, n) for n in own) * k.cdt.itemsize)))
+
+
 def _experts(plan, reader, arch, step: Step, k: Knobs, nxt: list[str]) -> list:
     """One routed expert, its chunk held (chunks as moe._expert_chunks: as many experts as
     expert_budget_gb holds in the compute dtype) and the next chunk being read."""
-    E, prefix = arch.config.n_routed_experts, arch.expert_prefix(step.index, 0) + "."
-    own = [n for n in step.shapes if n.startswith(prefix)]
-    chunk = min(E, max(1, k.expert_budget // (sum(_numel(reader, n) for n in own) * k.cdt.itemsize)))
+    E, own, chunk = _chunking(reader, arch, step, k)
     first = [n for n in step.shapes if EXPERT_TAG in n and int(n.split(EXPERT_TAG)[1].split(".")[0]) < chunk]
     loaded, reading = _loaded(reader, first, k), _read_peak(reader, first, k)
     # At most every other expert's outputs wait in the writer's queue.
     queued = sum(t.nbytes for t in plan.outputs[step.key]
-                 if t.suffix and EXPERT_TAG in t.source and not t.source.startswith(prefix))
+                 if t.suffix and EXPERT_TAG in t.source and not t.source.startswith(arch.expert_prefix(step.index, 0) + "."))
     held = {"weights": loaded, "hidden": HIDDEN_COPIES["moe_base"] * k.hidden_bytes,
             "read_ahead": (_loaded(reader, nxt, k) + (reading if chunk < E else 0)) if k.read_ahead else 0,
             "write_behind": min(k.write_behind, queued)}
@@ -215,9 +221,7 @@ def _step_moments(plan: Plan, reader, arch, i: int, k: Knobs) -> list:
 def _smoothing_read(reader, arch, step: Step, k: Knobs, nxt: list[str]) -> tuple[str, dict]:
     """moe._routed_wmax: before the base is quantized, the routed experts' gate/up are read a chunk
     at a time (chunks as moe._expert_chunks) for their column maxima, beside the base."""
-    E, prefix = arch.config.n_routed_experts, arch.expert_prefix(step.index, 0) + "."
-    own = [n for n in step.shapes if n.startswith(prefix)]
-    chunk = min(E, max(1, k.expert_budget // (sum(_numel(reader, n) for n in own) * k.cdt.itemsize)))
+    _, _, chunk = _chunking(reader, arch, step, k)
     gate_up = [f"{arch.expert_prefix(step.index, e)}.{p}.weight" for e in range(chunk) for p in ("gate_proj", "up_proj")]
     held = {"weights": _loaded(reader, _base(step), k), "hidden": HIDDEN_COPIES["moe_base"] * k.hidden_bytes,
             "read_ahead": _loaded(reader, nxt, k) if k.read_ahead else 0,
