@@ -174,8 +174,9 @@ def _experts(plan, reader, arch, step: Step, k: Knobs, nxt: list[str]) -> list:
     first = [n for n in step.shapes if EXPERT_TAG in n and int(n.split(EXPERT_TAG)[1].split(".")[0]) < chunk]
     loaded, reading = _loaded(reader, first, k), _read_peak(reader, first, k)
     # At most every other expert's outputs wait in the writer's queue.
+    first_expert = arch.expert_prefix(step.index, 0) + "."
     queued = sum(t.nbytes for t in plan.outputs[step.key]
-                 if t.suffix and EXPERT_TAG in t.source and not t.source.startswith(arch.expert_prefix(step.index, 0) + "."))
+                 if t.suffix and EXPERT_TAG in t.source and not t.source.startswith(first_expert))
     held = {"weights": loaded, "hidden": HIDDEN_COPIES["moe_base"] * k.hidden_bytes,
             "read_ahead": (_loaded(reader, nxt, k) + (reading if chunk < E else 0)) if k.read_ahead else 0,
             "write_behind": min(k.write_behind, queued)}
@@ -222,7 +223,8 @@ def _smoothing_read(reader, arch, step: Step, k: Knobs, nxt: list[str]) -> tuple
     """moe._routed_wmax: before the base is quantized, the routed experts' gate/up are read a chunk
     at a time (chunks as moe._expert_chunks) for their column maxima, beside the base."""
     _, _, chunk = _chunking(reader, arch, step, k)
-    gate_up = [f"{arch.expert_prefix(step.index, e)}.{p}.weight" for e in range(chunk) for p in ("gate_proj", "up_proj")]
+    gate_up = [f"{arch.expert_prefix(step.index, e)}.{p}.weight"
+               for e in range(chunk) for p in ("gate_proj", "up_proj")]
     held = {"weights": _loaded(reader, _base(step), k), "hidden": HIDDEN_COPIES["moe_base"] * k.hidden_bytes,
             "read_ahead": _loaded(reader, nxt, k) if k.read_ahead else 0,
             "smoothing_read": _read_peak(reader, gate_up, k)}
