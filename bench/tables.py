@@ -279,7 +279,8 @@ def write_md(results: dict[str, dict], started: str, note: str = "") -> None:
         "(nats); top-1 is agreement of the argmax with the float model.",
         "",
         f"Calibration: static-activation configs (W8A8, W8A8_MIX, W8A8S) use {CALIB_FULL[0]} × {CALIB_FULL[1]} "
-        f"tokens of the built-in prompts; GPTQ configs {CALIB_PLAYS[0]} × {CALIB_PLAYS[1]} tokens of six other plays "
+        f"tokens of the built-in prompts, except those marked \"calibrated on the held-out plays\", which use "
+        f"the GPTQ calibration below for everything (ranges, smoothing, disable_level, GPTQ); GPTQ configs {CALIB_PLAYS[0]} × {CALIB_PLAYS[1]} tokens of six other plays "
         f"({', '.join(p.replace('_gut.txt', '') for p in HELD_OUT_PLAYS)}), disjoint from the evaluated ones; "
         f"MinMax/HQQ configs with dynamic or no activation quantization, whose output does not depend on "
         f"calibration, {CALIB_FREE[0]} × {CALIB_FREE[1]} built-in tokens. Quantization on CPU, batch 8, "
