@@ -95,3 +95,21 @@ def test_shipped_static_recipe_is_the_measured_configuration():
     r = load_recipe(RECIPES_DIR / "w8a8_static.toml")
     assert (r.default.scheme, r.default.w_method, r.default.act_order) == ("W8A8", "gptq", True)
     assert (r.anti_method, r.alpha, r.anti_symmetric, r.act_method, r.disable_level) == ("m4", 0.9, False, 1, 8)
+
+
+def test_shipped_static_recipe_runs_and_verifies(tmp_path):
+    """The recipe as shipped (builtin calibration shrunk on the command line) on a tiny Llama."""
+    import json
+    from conftest import run_cli
+    from streamq.synth import write_dense
+    model = write_dense(tmp_path / "m", "llama", layers=2, hidden=64, intermediate=128, vocab=128)
+    out = tmp_path / "out"
+    run_cli("run", RECIPES_DIR / "w8a8_static.toml", "--model", model, "--output", out, "--device", "cpu",
+            "--samples", "4", "--seq-len", "16", check=True)
+    run_cli("verify", out, check=True)
+    desc = json.loads((out / "quant_model_description.json").read_text())
+    report = json.loads((out / "streamq_report.json").read_text())
+    assert desc["model_quant_type"] == "W8A8" and "model.layers.0.input_layernorm.bias" in desc
+    # L8 on 14 linears: 8 or more (whole input groups) stay FLOAT, the rest are W8A8
+    floats = list(report["disabled_by_level"])   # name → its input max|x|/std
+    assert len(floats) >= 8 and all(desc[f"{n}.weight"] == "FLOAT" for n in floats)
