@@ -162,16 +162,21 @@ def test_run_keeps_the_chosen_linears_float(tmp_path, model):
     assert "kept FLOAT by disable_level" in (out / "streamq_report.md").read_text()
 
 
-def test_resume_adopts_the_recorded_choice(tmp_path, model, monkeypatch):
-    rec = write_recipe(tmp_path / "r.toml", LEVEL_RECIPE)
-    ref, out = tmp_path / "ref", tmp_path / "out"
-    run_cli("run", rec, "--model", model, "--output", ref, check=True)
-    killed = run_cli("run", rec, "--model", model, "--output", out, env={"STREAMQ_KILL_AT": "acts-saved:3"})
+def kill_then_forbid_prepass(rec, model, out, kill_at: str, monkeypatch) -> None:
+    """Kill a run at `kill_at`, then make any further pre-pass in this process fail the test."""
+    killed = run_cli("run", rec, "--model", model, "--output", out, env={"STREAMQ_KILL_AT": kill_at})
     assert killed.returncode == -9
 
     def no_prepass(*args, **kwargs):
         raise AssertionError("the pre-pass ran again")
     monkeypatch.setattr(prepass, "input_ratios", no_prepass)
+
+
+def test_resume_adopts_the_recorded_choice(tmp_path, model, monkeypatch):
+    rec = write_recipe(tmp_path / "r.toml", LEVEL_RECIPE)
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    run_cli("run", rec, "--model", model, "--output", ref, check=True)
+    kill_then_forbid_prepass(rec, model, out, "acts-saved:3", monkeypatch)
     assert cli.main(["run", str(rec), "--model", str(model), "--output", str(out)]) == 0
     assert output_bytes(out) == output_bytes(ref)
     # a finished output is recognised without the pre-pass too
@@ -340,12 +345,7 @@ def test_deepseek_run_keeps_the_chosen_linears_float(tmp_path, ds, ds_expect):
 def test_deepseek_resume_adopts_the_recorded_choice(tmp_path, ds, ds_expect, monkeypatch):
     rec = write_recipe(tmp_path / "r.toml", ds_recipe("L2"))
     out = tmp_path / "out"
-    killed = run_cli("run", rec, "--model", ds, "--output", out, env={"STREAMQ_KILL_AT": "acts-saved:2"})
-    assert killed.returncode == -9
-
-    def no_prepass(*args, **kwargs):
-        raise AssertionError("the pre-pass ran again")
-    monkeypatch.setattr(prepass, "input_ratios", no_prepass)
+    kill_then_forbid_prepass(rec, ds, out, "acts-saved:2", monkeypatch)
     assert cli.main(["run", str(rec), "--model", str(ds), "--output", str(out)]) == 0
     assert cli.main(["verify", str(out)]) == 0
     # the choice the killed run recorded (byte-identical resumption is the dense test's and the

@@ -429,17 +429,23 @@ def test_smoothing_pass_samples_and_maps_consumer_schemes():
     assert acts == {"attn_in": "per_tensor", "o_in": "per_token", "mlp_in": "none", "down_in": FLOAT_ACT}
 
 
-def test_m6_run_verifies_and_stays_close(tmp_path):
+def run_tiny(tmp_path, kind: str, quant: str):
+    """Run and verify a recipe ([quant] body) on a tiny 2-layer model; returns (model, out)."""
     from streamq import cli
-    from streamq.evaluate import evaluate
     from streamq.synth import write_dense
-    from conftest import SMALL_CAL, load_all, write_recipe
-    model = write_dense(tmp_path / "m", "qwen2", layers=2, hidden=64, intermediate=128, vocab=128)
-    rec = write_recipe(tmp_path / "r.toml", SMALL_CAL + '[quant]\nscheme = "W8A8"\nanti_method = "m6"\n'
-                       'anti_symmetric = false\n')
+    from conftest import SMALL_CAL, write_recipe
+    model = write_dense(tmp_path / "m", kind, layers=2, hidden=64, intermediate=128, vocab=128)
+    rec = write_recipe(tmp_path / "r.toml", SMALL_CAL + "[quant]\n" + quant)
     out = tmp_path / "out"
     assert cli.main(["run", str(rec), "--model", str(model), "--output", str(out)]) == 0
     assert cli.main(["verify", str(out)]) == 0
+    return model, out
+
+
+def test_m6_run_verifies_and_stays_close(tmp_path):
+    from streamq.evaluate import evaluate
+    from conftest import load_all
+    model, out = run_tiny(tmp_path, "qwen2", 'scheme = "W8A8"\nanti_method = "m6"\nanti_symmetric = false\n')
     assert load_all(out)["model.layers.1.post_attention_layernorm.bias"].dtype == torch.float32
     assert evaluate(model, out, samples=4, seq_len=32, batch=2)["kl_mean"] < 0.01
 
@@ -473,15 +479,9 @@ def test_subgraph_selection_restricts_dense_smoothing(kind):
 def test_asymmetric_run_without_norm_linear_plans_no_biases(tmp_path):
     """The shift belongs to norm→linears: without that subgraph, asymmetric smoothing creates no
     bias, and the plan expects none; ov alone leaves the norms as they were."""
-    from streamq import cli
-    from streamq.synth import write_dense
-    from conftest import SMALL_CAL, load_all, write_recipe
-    model = write_dense(tmp_path / "m", "llama", layers=2, hidden=64, intermediate=128, vocab=128)
-    rec = write_recipe(tmp_path / "r.toml", SMALL_CAL + '[quant]\nscheme = "FLOAT"\nanti_method = "m4"\n'
-                       'anti_symmetric = false\nenable_subgraph_type = ["ov"]\n')
-    out = tmp_path / "out"
-    assert cli.main(["run", str(rec), "--model", str(model), "--output", str(out)]) == 0
-    assert cli.main(["verify", str(out)]) == 0
+    from conftest import load_all
+    model, out = run_tiny(tmp_path, "llama", 'scheme = "FLOAT"\nanti_method = "m4"\nanti_symmetric = false\n'
+                          'enable_subgraph_type = ["ov"]\n')
     got, src = load_all(out), load_all(model)
     assert not [n for n in got if n.endswith("norm.bias")]
     for i in (0, 1):
